@@ -1,0 +1,172 @@
+"""`avatarserve` command line.
+
+  avatarserve model-info --config NAME [--height H --width W] --json
+  avatarserve generate --config tiny --image IMG --audio WAV --out OUT.mp4 --seed N [--checkpoint DIR]
+  avatarserve up [--config deploy/local.yaml] / avatarserve down
+  avatarserve stream --server ADDR --image IMG --audio WAV --out OUT.mp4 [--realtime]
+
+Heavy imports (torch, Ray, gRPC) happen inside the subcommands so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import List, Optional
+
+
+def _model_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from .model.config import get_preset
+    from .model.kv_cache import KVCache
+    from .model.transformer import CausalS2VTransformer
+
+    preset = get_preset(args.config)
+    overrides = {k: v for k, v in (("height", args.height), ("width", args.width)) if v}
+    stream = preset.stream.replace(**overrides)
+    with torch.device("meta"):  # no weights are allocated
+        model = CausalS2VTransformer(preset.model)
+    per_component = {}
+    for name, p in model.named_parameters():
+        top = name.split(".")[0]
+        per_component[top] = per_component.get(top, 0) + p.numel()
+    total = sum(per_component.values())
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    cfg = preset.model
+    cond_tokens = model.sink_token_count(stream.latent_height, stream.latent_width)
+    kv_bytes = KVCache.bytes_for(num_layers=cfg.num_layers, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
+                                 block_tokens=stream.tokens_per_block, window_blocks=stream.window_blocks,
+                                 cond_tokens=cond_tokens, dtype=dtype)
+    elem = torch.empty((), dtype=dtype).element_size()
+    info = {
+        "config": preset.name,
+        "total_parameters": total,
+        "parameters_by_component": per_component,
+        "weights_bytes": total * elem,
+        "dtype": args.dtype,
+        "resolution": {"width": stream.width, "height": stream.height},
+        "latent_shape_per_block": list(stream.latent_shape(cfg.in_dim)),
+        "block_latent_bytes": int(torch.Size(stream.latent_shape(cfg.in_dim)).numel() * elem),
+        "tokens_per_latent_frame": stream.tokens_per_frame,
+        "kv_window_tokens": stream.window_tokens,
+        "sink_tokens": cond_tokens,
+        "kv_cache_bytes_per_session_per_stage": kv_bytes,
+        "num_denoising_stages": stream.num_steps,
+        "fps": stream.fps,
+        "frames_per_block": stream.frames_per_block,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+def _read_wav(path: str, sample_rate: int):
+    from avatarserve_client.audio import read_wav
+
+    pcm = read_wav(path, sample_rate=sample_rate)
+    import numpy as np
+
+    return pcm.astype(np.float32) / 32768.0 if pcm.dtype == np.int16 else pcm.astype(np.float32)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from avatarserve_client.media import write_mp4
+
+    from .engine.bundle import build_bundle
+    from .engine.pipeline import SequentialPipeline
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    t0 = time.perf_counter()
+    bundle = build_bundle(args.config, checkpoint=args.checkpoint, seed=0,
+                          stream_overrides={k: v for k, v in (("height", args.height), ("width", args.width)) if v})
+    load_s = time.perf_counter() - t0
+    st = bundle.stream
+    audio = _read_wav(args.audio, st.sample_rate)
+    pipe = SequentialPipeline(bundle)
+    with open(args.image, "rb") as fh:
+        image = fh.read()
+    t1 = time.perf_counter()
+    blocks = []
+    ttff = None
+    for blk in pipe.stream_blocks(image, (audio[i:i + 3200] for i in range(0, len(audio), 3200)),
+                                  prompt=args.prompt, seed=args.seed):
+        if ttff is None:
+            ttff = time.perf_counter() - t1
+        blocks.append(blk)
+    gen_s = time.perf_counter() - t1
+    frames = [f for b in blocks for f in b.frames]
+    write_mp4(args.out, frames, (audio * 32767).clip(-32768, 32767).astype(np.int16), fps=st.fps,
+              sample_rate=st.sample_rate)
+    n = len(frames)
+    print(json.dumps({
+        "out": args.out, "config": args.config, "blocks": len(blocks), "frames": n, "fps": st.fps,
+        "video_seconds": n / st.fps, "audio_seconds": len(audio) / st.sample_rate,
+        "generation_seconds": round(gen_s, 3), "generated_fps": round(n / gen_s, 2) if gen_s else None,
+        "realtime_factor": round((n / st.fps) / gen_s, 3) if gen_s else None,
+        "ttff_s": round(ttff or 0.0, 3), "load_seconds": round(load_s, 3),
+    }))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="avatarserve", description="Real-time audio-driven avatar video serving")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    mi = sub.add_parser("model-info", help="parameters and KV-cache memory of a config (meta device, no weights)")
+    mi.add_argument("--config", default="liveavatar-14b")
+    mi.add_argument("--height", type=int)
+    mi.add_argument("--width", type=int)
+    mi.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    mi.add_argument("--json", action="store_true")
+    mi.set_defaults(func=_model_info)
+
+    g = sub.add_parser("generate", help="generate an mp4 in one process (SequentialPipeline)")
+    g.add_argument("--config", default="tiny")
+    g.add_argument("--image", required=True)
+    g.add_argument("--audio", required=True)
+    g.add_argument("--out", required=True)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--prompt", default="")
+    g.add_argument("--checkpoint", help="local checkpoint folder (official Wan2.2-S2V layout)")
+    g.add_argument("--height", type=int)
+    g.add_argument("--width", type=int)
+    g.set_defaults(func=_generate)
+
+    up = sub.add_parser("up", help="start redis-server, a local Ray head and the Serve app")
+    up.add_argument("--config", default=None, help="deployment YAML (default: deploy/local.yaml)")
+    up.set_defaults(func=lambda a: _launcher("up", a))
+    down = sub.add_parser("down", help="stop exactly what `avatarserve up` started")
+    down.set_defaults(func=lambda a: _launcher("down", a))
+
+    st = sub.add_parser("stream", help="stream a wav through a running server and write an mp4", add_help=False)
+    st.set_defaults(func=None)
+    return p
+
+
+def _launcher(cmd: str, args: argparse.Namespace) -> int:
+    from .serve import launcher
+
+    return launcher.up(args.config) if cmd == "up" else launcher.down()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "stream":
+        from avatarserve_client.cli import run_stream
+
+        return int(run_stream(argv[1:]) or 0)
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
