@@ -74,5 +74,5 @@ def _random_components(preset: Preset, seed: int, device: str, dtype: torch.dtyp
     transformer = CausalS2VTransformer(cfg).randomize_for_tests(seed).to(device=device, dtype=dtype)
     vae = tiny_vae(seed)
     audio = AudioFeatureExtractor.tiny(seed, hidden_size=cfg.audio_dim, num_hidden_layers=cfg.audio_num_layers - 1)
-    text = tiny_text_encoder(seed, d_model=cfg.text_dim)
+    text = tiny_text_encoder(seed, d_model=cfg.text_dim, max_length=cfg.text_len)
     return transformer, vae, audio, text
