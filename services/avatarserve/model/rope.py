@@ -25,7 +25,8 @@ import torch
 
 def _inv_freqs(axis_dim: int, theta: float) -> torch.Tensor:
     # Matches rope_params(): 1 / theta^(2i / axis_dim) for i < axis_dim / 2, in float64.
-    return 1.0 / torch.pow(theta, torch.arange(0, axis_dim, 2, dtype=torch.float64) / axis_dim)
+    # Explicit CPU device: models are often built under `with torch.device("meta")`.
+    return 1.0 / torch.pow(theta, torch.arange(0, axis_dim, 2, dtype=torch.float64, device="cpu") / axis_dim)
 
 
 @dataclass(frozen=True)
@@ -92,9 +93,9 @@ class RotaryEmbedding:
         for g in grids:
             if g.num_tokens == 0:
                 continue
-            t = torch.tensor(g.t, dtype=torch.float64)[:, None] * self.inv[0]
-            h = torch.tensor(g.h, dtype=torch.float64)[:, None] * self.inv[1]
-            w = torch.tensor(g.w, dtype=torch.float64)[:, None] * self.inv[2]
+            t = torch.tensor(g.t, dtype=torch.float64, device="cpu")[:, None] * self.inv[0]
+            h = torch.tensor(g.h, dtype=torch.float64, device="cpu")[:, None] * self.inv[1]
+            w = torch.tensor(g.w, dtype=torch.float64, device="cpu")[:, None] * self.inv[2]
             nt, nh, nw = len(g.t), len(g.h), len(g.w)
             full = torch.cat(
                 [
@@ -106,7 +107,7 @@ class RotaryEmbedding:
             )
             parts.append(full.reshape(nt * nh * nw, -1))
         if not parts:
-            return torch.zeros(0, self.head_dim // 2, dtype=torch.float64)
+            return torch.zeros(0, self.head_dim // 2, dtype=torch.float64, device="cpu")
         return torch.cat(parts, dim=0)
 
     def freqs(self, grids: Sequence[TokenGrid], device: torch.device | str = "cpu") -> torch.Tensor:
