@@ -1,0 +1,7 @@
+"""`python -m avatarserve_client stream ...`"""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

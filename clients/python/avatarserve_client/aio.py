@@ -1,0 +1,308 @@
+"""asyncio (grpc.aio) AvatarServe client. Same surface as the sync client, with `await`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, AsyncIterator, Callable, Iterable, Sequence
+
+import grpc
+import grpc.aio
+
+from avatarserve.v1 import avatar_service_pb2 as pb
+from avatarserve.v1 import avatar_service_pb2_grpc as pb_grpc
+
+from ._streaming import (DEFAULT_MAX_MESSAGE_BYTES, AsyncSendQueue, AudioStamper, StreamStats,
+                         control_message, load_image_bytes)
+from .audio import RealtimePacer, _aiter
+from .client import Metadata, StreamItem, channel_options, request_metadata
+from .errors import AvatarServeError, FailedPrecondition, ProtocolError, SessionNotFound, from_rpc_error
+from .media import video_block_from_proto
+from .types import (AudioEncoding, CloseSummary, EventKind, Geometry, IdleMode, OutputFormat,
+                    SessionHandle, SessionInfo, StatusEvent, build_create_request, parse_formats)
+
+
+def _session_ref(session: "SessionHandle | AsyncSession | str", token: str | None) -> tuple[str, str]:
+    if isinstance(session, AsyncSession):
+        session = session.handle
+    if isinstance(session, SessionHandle):
+        return session.session_id, session.session_token
+    if token is None:
+        raise TypeError("a session_token is required when the session is given by id")
+    return session, token
+
+
+class AsyncAvatarClient:
+    """grpc.aio client for AvatarService; see AvatarClient for the arguments."""
+
+    def __init__(self, address: str, *, timeout: float | None = 30.0, application: str | None = None,
+                 metadata: Metadata = (), credentials: grpc.ChannelCredentials | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 options: Sequence[tuple[str, Any]] = ()) -> None:
+        opts = channel_options(max_message_bytes, options)
+        self._channel = (grpc.aio.secure_channel(address, credentials, options=opts) if credentials
+                         else grpc.aio.insecure_channel(address, options=opts))
+        self._stub = pb_grpc.AvatarServiceStub(self._channel)
+        self.address = address
+        self.timeout = timeout
+        self.application = application
+        self.metadata = tuple(metadata)
+
+    def _md(self, session_id: str | None = None) -> list[tuple[str, str]]:
+        return request_metadata(self.metadata, self.application, session_id)
+
+    async def _unary(self, method: Callable[..., Any], request: Any, session_id: str | None,
+                     timeout: float | None) -> Any:
+        try:
+            return await method(request, metadata=self._md(session_id),
+                                timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    async def create_session(self, image: Any, prompt: str = "", *, width: int = 0, height: int = 0,
+                             seed: int | None = None,
+                             formats: Iterable[str | OutputFormat] | str = ("jpeg",),
+                             jpeg_quality: int = 0,
+                             audio_encoding: str | AudioEncoding = AudioEncoding.PCM_S16LE,
+                             idle_mode: str | IdleMode | None = None, fill_grace_ms: int = 0,
+                             idle_timeout_s: int = 0, timeout: float | None = None) -> SessionHandle:
+        request = build_create_request(
+            load_image_bytes(image), prompt, width=width, height=height, seed=seed,
+            formats=parse_formats(formats), jpeg_quality=jpeg_quality,
+            audio_encoding=AudioEncoding(audio_encoding), idle_mode=idle_mode,
+            fill_grace_ms=fill_grace_ms, idle_timeout_s=idle_timeout_s)
+        reply = await self._unary(self._stub.CreateSession, request, None, timeout)
+        return SessionHandle.from_proto(reply)
+
+    async def get_session(self, session: "SessionHandle | AsyncSession | str", token: str | None = None,
+                          *, timeout: float | None = None) -> SessionInfo:
+        sid, tok = _session_ref(session, token)
+        reply = await self._unary(self._stub.GetSession,
+                                  pb.GetSessionRequest(session_id=sid, session_token=tok), sid, timeout)
+        return SessionInfo.from_proto(reply)
+
+    async def close_session(self, session: "SessionHandle | AsyncSession | str", token: str | None = None,
+                            *, timeout: float | None = None) -> CloseSummary:
+        sid, tok = _session_ref(session, token)
+        reply = await self._unary(self._stub.CloseSession,
+                                  pb.CloseSessionRequest(session_id=sid, session_token=tok), sid, timeout)
+        return CloseSummary.from_proto(reply)
+
+    def session(self, image: Any, prompt: str = "", **options: Any) -> "_SessionContext":
+        """``async with client.session(img) as s:`` creates on entry and closes on exit."""
+        return _SessionContext(self, image, prompt, options)
+
+    def attach(self, handle: SessionHandle) -> "AsyncSession":
+        return AsyncSession(self, handle)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncAvatarClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+
+class _SessionContext:
+    def __init__(self, client: AsyncAvatarClient, image: Any, prompt: str, options: dict[str, Any]) -> None:
+        self._client, self._image, self._prompt, self._options = client, image, prompt, options
+        self._session: AsyncSession | None = None
+
+    async def __aenter__(self) -> "AsyncSession":
+        handle = await self._client.create_session(self._image, self._prompt, **self._options)
+        self._session = AsyncSession(self._client, handle)
+        return self._session
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        assert self._session is not None
+        await self._session._close_on_exit(exc_type)
+
+
+class AsyncSession:
+    """asyncio twin of Session: ``async for block in s.stream(audio): ...``."""
+
+    def __init__(self, client: AsyncAvatarClient, handle: SessionHandle) -> None:
+        self.client = client
+        self.handle = handle
+        self.events: list[StatusEvent] = []
+        self.stats = StreamStats()
+        self.summary: CloseSummary | None = None
+        self._queue: AsyncSendQueue | None = None
+        self._closed = False
+
+    @property
+    def session_id(self) -> str:
+        return self.handle.session_id
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.handle.geometry
+
+    async def interrupt(self) -> int:
+        """Drop locally queued audio and send INTERRUPT; returns the chunks dropped."""
+        dropped = await self._require_queue().interrupt(control_message(pb.Control.KIND_INTERRUPT))
+        self.stats.audio_chunks_dropped += dropped
+        return dropped
+
+    async def end_of_input(self) -> None:
+        await self._require_queue().close(control_message(pb.Control.KIND_END_OF_INPUT))
+
+    def _require_queue(self) -> AsyncSendQueue:
+        if self._queue is None:
+            raise FailedPrecondition("no stream is open on this session (call stream() first)")
+        return self._queue
+
+    def stream(self, audio: Iterable[Any] | Any | None = None, *, realtime: bool = False,
+               lead_ms: float = 0.0, include_events: bool = False, end_of_input: bool = True,
+               decode: bool = True, max_queued_chunks: int = 32, timeout: float | None = None,
+               on_event: Callable[[StatusEvent], None] | None = None) -> AsyncIterator[StreamItem]:
+        """See Session.stream. `audio` may be a sync or async iterable (a sync one must not
+        block: it runs on the event loop)."""
+        if self._queue is not None:
+            raise FailedPrecondition("a stream is already open on this AsyncSession object")
+        if self._closed:
+            raise FailedPrecondition(f"session {self.session_id} was closed by this client")
+        return self._run_stream(AsyncSendQueue(max_queued_chunks), audio, realtime, lead_ms,
+                                include_events, end_of_input, decode, timeout, on_event)
+
+    async def _run_stream(self, queue: AsyncSendQueue, audio: Any, realtime: bool, lead_ms: float,
+                          include_events: bool, end_of_input: bool, decode: bool,
+                          timeout: float | None, on_event: Callable[[StatusEvent], None] | None
+                          ) -> AsyncIterator[StreamItem]:
+        handle, geometry = self.handle, self.handle.geometry
+        stats = self.stats = StreamStats(started_at=time.monotonic())
+        live = handle.idle_mode is IdleMode.FILL_SILENCE
+        stamper = AudioStamper(handle.audio_encoding, geometry.sample_rate,
+                               floor_ms=(lambda: int((time.monotonic() - stats.started_at) * 1000))
+                               if live else None)
+        call = self.client._stub.StreamSession(metadata=self.client._md(handle.session_id),
+                                               timeout=timeout)
+        feeder_error: list[BaseException] = []
+        write_failed: list[BaseException] = []
+        # grpc.aio replaces the server's status with INTERNAL when a write is in flight as the
+        # server ends the call (grpc/grpc#36066). Waiting for STARTED before sending audio keeps
+        # Hello rejections (NOT_FOUND, PERMISSION_DENIED, FAILED_PRECONDITION) intact.
+        started = asyncio.Event()
+
+        async def write() -> None:
+            try:
+                await call.write(pb.ClientMessage(hello=pb.Hello(
+                    session_id=handle.session_id, session_token=handle.session_token)))
+                await started.wait()
+                while (msg := await queue.get()) is not None:
+                    stats.on_sent(msg)
+                    await call.write(msg)
+                await call.done_writing()
+            except (grpc.RpcError, asyncio.InvalidStateError) as exc:
+                write_failed.append(exc)  # the call ended; the reading side reports why
+
+        async def feed() -> None:
+            try:
+                items: Any = audio
+                if realtime:
+                    items = RealtimePacer(items, lead_ms=lead_ms, sample_rate=geometry.sample_rate,
+                                          bytes_per_sample=handle.audio_encoding.sample_size)
+                async for item in _aiter(items):
+                    msg = stamper.to_message(item)
+                    if msg.WhichOneof("kind") == "control" and \
+                            msg.control.kind == pb.Control.KIND_END_OF_INPUT:
+                        await queue.close(msg)
+                        return
+                    if not await queue.put(msg):
+                        return
+                if end_of_input:
+                    await queue.close(control_message(pb.Control.KIND_END_OF_INPUT))
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                feeder_error.append(exc)
+                call.cancel()
+
+        self._queue = queue
+        tasks = [asyncio.create_task(write())]
+        if audio is not None:
+            tasks.append(asyncio.create_task(feed()))
+        ended = False
+        try:
+            while True:
+                reply = await call.read()
+                if reply is grpc.aio.EOF:
+                    break
+                now = time.monotonic()
+                kind = reply.WhichOneof("kind")
+                if kind == "video":
+                    if decode and (reply.video.jpeg_frames or reply.video.HasField("h264")):
+                        # Decoding is CPU work: keep the event loop responsive.
+                        block = await asyncio.to_thread(video_block_from_proto, reply.video,
+                                                        fps=geometry.fps, received_at=now)
+                    else:
+                        block = video_block_from_proto(reply.video, fps=geometry.fps,
+                                                       received_at=now, decode=False)
+                    stats.on_block(block.num_frames, block.is_idle, now)
+                    yield block
+                elif kind == "status":
+                    event = StatusEvent.from_proto(reply.status, now)
+                    if event.kind is EventKind.STARTED:
+                        started.set()
+                    self.events.append(event)
+                    if on_event is not None:
+                        on_event(event)
+                    if include_events:
+                        yield event
+                    if event.kind is EventKind.END_OF_STREAM:
+                        ended = True
+                        break
+                else:
+                    raise ProtocolError(f"server sent an empty or unknown ServerMessage ({kind!r})")
+            if feeder_error:
+                raise feeder_error[0]
+        except (grpc.RpcError, asyncio.CancelledError) as exc:
+            if feeder_error:
+                raise feeder_error[0] from exc
+            if isinstance(exc, grpc.RpcError):
+                err = from_rpc_error(exc)
+                if write_failed and err.code is grpc.StatusCode.INTERNAL:
+                    err.details += (" (the server ended the stream while audio was being sent; "
+                                    "grpc.aio lost the server's status, see grpc/grpc#36066)")
+                raise err from exc
+            raise
+        finally:
+            started.set()
+            if not ended:
+                call.cancel()
+            await queue.close()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._queue = None
+
+    async def info(self, *, timeout: float | None = None) -> SessionInfo:
+        return await self.client.get_session(self.handle, timeout=timeout)
+
+    async def close(self, *, timeout: float | None = None) -> CloseSummary | None:
+        """Close the session on the server (idempotent; None if the server forgot it)."""
+        if self._queue is not None:
+            await self._queue.close()
+        try:
+            self.summary = await self.client.close_session(self.handle, timeout=timeout)
+        except SessionNotFound:
+            self.summary = None
+        self._closed = True
+        return self.summary
+
+    async def _close_on_exit(self, exc_type: Any) -> None:
+        if self._closed:
+            return
+        try:
+            await self.close()
+        except AvatarServeError:
+            if exc_type is None:
+                raise
+
+    async def __aenter__(self) -> "AsyncSession":
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        await self._close_on_exit(exc_type)

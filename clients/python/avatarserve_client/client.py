@@ -1,0 +1,319 @@
+"""Synchronous AvatarServe client."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import grpc
+
+from avatarserve.v1 import avatar_service_pb2 as pb
+from avatarserve.v1 import avatar_service_pb2_grpc as pb_grpc
+
+from ._streaming import (DEFAULT_MAX_MESSAGE_BYTES, AudioStamper, SendQueue, StreamStats,
+                         control_message, load_image_bytes)
+from .audio import RealtimePacer
+from .errors import AvatarServeError, FailedPrecondition, ProtocolError, SessionNotFound, from_rpc_error
+from .media import VideoBlock, video_block_from_proto
+from .types import (AudioEncoding, CloseSummary, EventKind, Geometry, IdleMode, OutputFormat,
+                    SessionHandle, SessionInfo, StatusEvent, build_create_request, parse_formats)
+
+Metadata = Sequence[tuple[str, str]]
+StreamItem = VideoBlock | StatusEvent
+
+
+def channel_options(max_message_bytes: int, extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
+    return [("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes), *extra]
+
+
+def request_metadata(base: Metadata, application: str | None, session_id: str | None) -> list[tuple[str, str]]:
+    """Metadata for a call: the Ray Serve proxy routes on `application` and `session_id`."""
+    md = list(base)
+    if application:
+        md.append(("application", application))
+    if session_id:
+        md.append(("session_id", session_id))
+    return md
+
+
+def _session_ref(session: "SessionHandle | Session | str", token: str | None) -> tuple[str, str]:
+    if isinstance(session, Session):
+        session = session.handle
+    if isinstance(session, SessionHandle):
+        return session.session_id, session.session_token
+    if token is None:
+        raise TypeError("a session_token is required when the session is given by id")
+    return session, token
+
+
+class AvatarClient:
+    """Blocking client for AvatarService.
+
+    Args:
+        address: "host:port" of the Ray Serve gRPC proxy.
+        timeout: default deadline (s) of unary calls; streams have none unless given.
+        application: Ray Serve application name, sent as `application` metadata.
+        metadata: extra metadata sent on every call (e.g. an API key header).
+        credentials: channel credentials for TLS; None = plaintext.
+    """
+
+    def __init__(self, address: str, *, timeout: float | None = 30.0, application: str | None = None,
+                 metadata: Metadata = (), credentials: grpc.ChannelCredentials | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 options: Sequence[tuple[str, Any]] = ()) -> None:
+        opts = channel_options(max_message_bytes, options)
+        self._channel = (grpc.secure_channel(address, credentials, options=opts) if credentials
+                         else grpc.insecure_channel(address, options=opts))
+        self._stub = pb_grpc.AvatarServiceStub(self._channel)
+        self.address = address
+        self.timeout = timeout
+        self.application = application
+        self.metadata = tuple(metadata)
+
+    def _md(self, session_id: str | None = None) -> list[tuple[str, str]]:
+        return request_metadata(self.metadata, self.application, session_id)
+
+    def _unary(self, method: Callable[..., Any], request: Any, session_id: str | None,
+               timeout: float | None) -> Any:
+        try:
+            return method(request, metadata=self._md(session_id),
+                          timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    def create_session(self, image: Any, prompt: str = "", *, width: int = 0, height: int = 0,
+                       seed: int | None = None, formats: Iterable[str | OutputFormat] | str = ("jpeg",),
+                       jpeg_quality: int = 0, audio_encoding: str | AudioEncoding = AudioEncoding.PCM_S16LE,
+                       idle_mode: str | IdleMode | None = None, fill_grace_ms: int = 0,
+                       idle_timeout_s: int = 0, timeout: float | None = None) -> SessionHandle:
+        """Create a session from a reference image (path, bytes, PIL image or HxWx3 array)."""
+        request = build_create_request(
+            load_image_bytes(image), prompt, width=width, height=height, seed=seed,
+            formats=parse_formats(formats), jpeg_quality=jpeg_quality,
+            audio_encoding=AudioEncoding(audio_encoding), idle_mode=idle_mode,
+            fill_grace_ms=fill_grace_ms, idle_timeout_s=idle_timeout_s)
+        return SessionHandle.from_proto(self._unary(self._stub.CreateSession, request, None, timeout))
+
+    def get_session(self, session: "SessionHandle | Session | str", token: str | None = None, *,
+                    timeout: float | None = None) -> SessionInfo:
+        sid, tok = _session_ref(session, token)
+        reply = self._unary(self._stub.GetSession,
+                            pb.GetSessionRequest(session_id=sid, session_token=tok), sid, timeout)
+        return SessionInfo.from_proto(reply)
+
+    def close_session(self, session: "SessionHandle | Session | str", token: str | None = None, *,
+                      timeout: float | None = None) -> CloseSummary:
+        sid, tok = _session_ref(session, token)
+        reply = self._unary(self._stub.CloseSession,
+                            pb.CloseSessionRequest(session_id=sid, session_token=tok), sid, timeout)
+        return CloseSummary.from_proto(reply)
+
+    def session(self, image: Any, prompt: str = "", **options: Any) -> "Session":
+        """Create a session and return it as a context manager that closes it on exit."""
+        return Session(self, self.create_session(image, prompt, **options))
+
+    def attach(self, handle: SessionHandle) -> "Session":
+        """Wrap an existing session (e.g. to reopen its stream after a disconnect)."""
+        return Session(self, handle)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "AvatarClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class Session:
+    """A live session. Use as a context manager: ``with client.session(img) as s: ...``.
+
+    Attributes:
+        handle: id, token and geometry from CreateSession.
+        events: every StatusEvent received on this object's streams, in order.
+        stats: timing of the most recent stream.
+    """
+
+    def __init__(self, client: AvatarClient, handle: SessionHandle) -> None:
+        self.client = client
+        self.handle = handle
+        self.events: list[StatusEvent] = []
+        self.stats = StreamStats()
+        self.summary: CloseSummary | None = None
+        self._queue: SendQueue | None = None
+        self._closed = False
+
+    @property
+    def session_id(self) -> str:
+        return self.handle.session_id
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.handle.geometry
+
+    # -- control ---------------------------------------------------------------------------
+
+    def interrupt(self) -> int:
+        """Barge-in: drop audio queued locally and send INTERRUPT ahead of any new audio.
+
+        Returns the number of locally queued chunks dropped. Thread-safe; callable from inside
+        the `for block in s.stream(...)` loop.
+        """
+        queue = self._require_queue()
+        dropped = queue.interrupt(control_message(pb.Control.KIND_INTERRUPT))
+        self.stats.audio_chunks_dropped += dropped
+        return dropped
+
+    def end_of_input(self) -> None:
+        """No more audio: send END_OF_INPUT after what is queued; the stream then drains."""
+        self._require_queue().close(control_message(pb.Control.KIND_END_OF_INPUT))
+
+    def _require_queue(self) -> SendQueue:
+        if self._queue is None:
+            raise FailedPrecondition("no stream is open on this session (call stream() first)")
+        return self._queue
+
+    # -- streaming -------------------------------------------------------------------------
+
+    def stream(self, audio: Iterable[Any] | None = None, *, realtime: bool = False,
+               lead_ms: float = 0.0, include_events: bool = False, end_of_input: bool = True,
+               decode: bool = True, max_queued_chunks: int = 32, timeout: float | None = None,
+               on_event: Callable[[StatusEvent], None] | None = None) -> Iterator[StreamItem]:
+        """Open the bidi stream, send `audio` and yield VideoBlocks (and events if asked).
+
+        `audio` items: AudioChunk messages (e.g. from chunk_pcm), numpy PCM arrays or PCM bytes
+        (stamped with seq/pts here), or StreamMarker values sent in order. With `realtime`, audio
+        is paced to real time (`lead_ms` ahead). When the iterable ends, END_OF_INPUT is sent if
+        `end_of_input`, otherwise the stream stays open until end_of_input()/interrupt()/close.
+        A background thread feeds a bounded queue (`max_queued_chunks`), so a slow network or
+        server back-pressures the audio source instead of growing memory.
+        Iteration ends after END_OF_STREAM. Errors raise typed AvatarServeError subclasses.
+        """
+        if self._queue is not None:
+            raise FailedPrecondition("a stream is already open on this Session object")
+        if self._closed:
+            raise FailedPrecondition(f"session {self.session_id} was closed by this client")
+        queue = SendQueue(max_queued_chunks)
+        return self._run_stream(queue, audio, realtime, lead_ms, include_events, end_of_input,
+                                decode, timeout, on_event)
+
+    def _run_stream(self, queue: SendQueue, audio: Iterable[Any] | None, realtime: bool,
+                    lead_ms: float, include_events: bool, end_of_input: bool, decode: bool,
+                    timeout: float | None, on_event: Callable[[StatusEvent], None] | None
+                    ) -> Iterator[StreamItem]:
+        handle, geometry = self.handle, self.handle.geometry
+        stats = self.stats = StreamStats(started_at=time.monotonic())
+        stop = threading.Event()
+        feeder_error: list[BaseException] = []
+        live = handle.idle_mode is IdleMode.FILL_SILENCE
+        stamper = AudioStamper(handle.audio_encoding, geometry.sample_rate,
+                               floor_ms=(lambda: int((time.monotonic() - stats.started_at) * 1000))
+                               if live else None)
+        hello = pb.ClientMessage(hello=pb.Hello(session_id=handle.session_id,
+                                                session_token=handle.session_token))
+
+        def requests() -> Iterator[pb.ClientMessage]:
+            yield hello
+            while (msg := queue.get()) is not None:
+                stats.on_sent(msg)
+                yield msg
+
+        call = self.client._stub.StreamSession(requests(), metadata=self.client._md(handle.session_id),
+                                               timeout=timeout)
+
+        def feed() -> None:
+            try:
+                items: Iterable[Any] = audio if audio is not None else ()
+                if realtime:
+                    # stop.wait as the sleep makes pacing interruptible when the stream ends.
+                    items = RealtimePacer(items, lead_ms=lead_ms, sample_rate=geometry.sample_rate,
+                                          bytes_per_sample=handle.audio_encoding.sample_size,
+                                          sleep=stop.wait)
+                for item in items:
+                    if stop.is_set():
+                        return
+                    msg = stamper.to_message(item)
+                    if msg.WhichOneof("kind") == "control" and \
+                            msg.control.kind == pb.Control.KIND_END_OF_INPUT:
+                        queue.close(msg)
+                        return
+                    while not queue.put(msg, timeout=0.2):
+                        if queue.closed or stop.is_set():
+                            return
+                if audio is not None and end_of_input:
+                    queue.close(control_message(pb.Control.KIND_END_OF_INPUT))
+            except BaseException as exc:  # surfaced by the receiving side
+                feeder_error.append(exc)
+                queue.abort()
+                call.cancel()
+
+        feeder = threading.Thread(target=feed, name=f"avatarserve-feed-{handle.session_id[:8]}",
+                                  daemon=True)
+        self._queue = queue
+        ended = False
+        try:
+            feeder.start()
+            for reply in call:
+                now = time.monotonic()
+                kind = reply.WhichOneof("kind")
+                if kind == "video":
+                    block = video_block_from_proto(reply.video, fps=geometry.fps, received_at=now,
+                                                   decode=decode)
+                    stats.on_block(block.num_frames, block.is_idle, now)
+                    yield block
+                elif kind == "status":
+                    event = StatusEvent.from_proto(reply.status, now)
+                    self.events.append(event)
+                    if on_event is not None:
+                        on_event(event)
+                    if include_events:
+                        yield event
+                    if event.kind is EventKind.END_OF_STREAM:
+                        ended = True
+                        break
+                else:
+                    raise ProtocolError(f"server sent an empty or unknown ServerMessage ({kind!r})")
+            if feeder_error:
+                raise feeder_error[0]
+        except grpc.RpcError as exc:
+            if feeder_error:
+                raise feeder_error[0] from exc
+            raise from_rpc_error(exc) from exc
+        finally:
+            stop.set()
+            queue.abort()
+            if not ended:
+                call.cancel()
+            feeder.join(timeout=2.0)
+            self._queue = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def info(self, *, timeout: float | None = None) -> SessionInfo:
+        return self.client.get_session(self.handle, timeout=timeout)
+
+    def close(self, *, timeout: float | None = None) -> CloseSummary | None:
+        """Close the session on the server (idempotent; None if the server forgot it)."""
+        if self._queue is not None:
+            self._queue.abort()
+        try:
+            self.summary = self.client.close_session(self.handle, timeout=timeout)
+        except SessionNotFound:
+            self.summary = None
+        self._closed = True
+        return self.summary
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self._closed:
+            return
+        try:
+            self.close()
+        except AvatarServeError:
+            if exc_type is None:
+                raise  # otherwise keep the original error, not the cleanup failure
