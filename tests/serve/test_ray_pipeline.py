@@ -11,14 +11,14 @@ from avatarserve.serve.pipeline_app import PipelineAppConfig, StageSpec, build_p
 from avatarserve.serve.registry import ReplicaRegistry, RouteHop
 from avatarserve.serve.transport import BlockItem, PipelineClient, WireTensor
 
-from .conftest import RedisServer
+from tests.conftest import RedisServer
 
 pytestmark = pytest.mark.integration
 
 STAGES = ["AudioEncoder", "DenoiseStage0", "DenoiseStage1", "DenoiseStage2", "DenoiseStage3", "VaeDecoder"]
 
 
-def test_synthetic_chain_streams_through_ray_serve(serve_instance: None, redis_server: RedisServer, redis_namespace: str) -> None:
+def test_synthetic_chain_streams_through_ray_serve(serve_instance, redis_server: RedisServer, redis_namespace: str) -> None:
     from ray import serve
 
     config = PipelineAppConfig(

@@ -16,7 +16,7 @@ from avatarserve.serve.registry import (
     RouteHop,
 )
 
-from .conftest import RedisServer
+from tests.conftest import RedisServer
 
 
 @pytest.fixture

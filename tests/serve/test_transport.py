@@ -30,7 +30,7 @@ from avatarserve.serve.transport import (
 )
 from avatarserve.stage.v1 import stage_pb2 as pb
 
-from .conftest import ChainFactory, free_port
+from tests.conftest import ChainFactory, free_port
 
 LATENT_SHAPE = (16, 3, 48, 88)  # 14B model block latent: bf16, 405,504 bytes
 

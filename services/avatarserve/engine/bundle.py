@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -16,20 +16,19 @@ from ..model.config import ModelConfig, Preset, StreamConfig, get_preset
 from ..model.sampler import FlowMatchSchedule
 from ..model.transformer import CausalS2VTransformer
 
+ALL_COMPONENTS = ("transformer", "vae", "audio", "text")
+
 
 @dataclass
 class ModelBundle:
     preset: Preset
     stream: StreamConfig
-    transformer: CausalS2VTransformer
-    vae: object  # model.vae.StreamingVAE
-    audio: object  # model.audio_features.AudioFeatureExtractor
+    transformer: Optional[CausalS2VTransformer]
+    vae: Optional[object]  # model.vae.StreamingVAE
+    audio: Optional[object]  # model.audio_features.AudioFeatureExtractor
     text_encoder: Optional[object]  # model.text_encoder.TextEncoder
     schedule: FlowMatchSchedule
-
-    @property
-    def model_config(self) -> ModelConfig:
-        return self.transformer.config
+    model_config: ModelConfig
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
@@ -48,31 +47,49 @@ def build_bundle(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     stream_overrides: Optional[dict] = None,
+    components: Sequence[str] = ALL_COMPONENTS,
 ) -> ModelBundle:
+    """Build the models named in `components` (transformer, vae, audio, text); the others are None, so a
+    replica of one pipeline stage only holds what it runs."""
+    unknown = set(components) - set(ALL_COMPONENTS)
+    if unknown:
+        raise ValueError(f"unknown components {sorted(unknown)}; known: {ALL_COMPONENTS}")
     preset = get_preset(config)
     stream = preset.stream.replace(**(stream_overrides or {}))
     schedule = FlowMatchSchedule.create(stream.num_steps, stream.shift, stream.num_train_timesteps)
     if checkpoint is not None:
         from .loading import load_bundle_components
 
-        transformer, vae, audio, text = load_bundle_components(preset, checkpoint, device=device, dtype=dtype)
+        from ..model.checkpoint import read_model_config
+
+        model_config = read_model_config(checkpoint)
+        transformer, vae, audio, text = load_bundle_components(preset, checkpoint, device=device, dtype=dtype,
+                                                               components=components)
     else:
         if preset.name == "liveavatar-14b":
             raise ValueError("liveavatar-14b needs --checkpoint DIR (a local Wan2.2-S2V-14B folder)")
-        transformer, vae, audio, text = _random_components(preset, seed, device, dtype)
-    transformer.eval()
+        model_config = preset.model
+        transformer, vae, audio, text = _random_components(preset, seed, device, dtype, components)
+    if transformer is not None:
+        transformer.eval()
     return ModelBundle(preset=preset, stream=stream, transformer=transformer, vae=vae, audio=audio,
-                       text_encoder=text, schedule=schedule)
+                       text_encoder=text, schedule=schedule, model_config=model_config)
 
 
-def _random_components(preset: Preset, seed: int, device: str, dtype: torch.dtype):
+def _random_components(preset: Preset, seed: int, device: str, dtype: torch.dtype, components: Sequence[str]):
     from ..model.audio_features import AudioFeatureExtractor
     from ..model.text_encoder import tiny_text_encoder
     from ..model.vae import tiny_vae
 
     cfg = preset.model
-    transformer = CausalS2VTransformer(cfg).randomize_for_tests(seed).to(device=device, dtype=dtype)
-    vae = tiny_vae(seed)
-    audio = AudioFeatureExtractor.tiny(seed, hidden_size=cfg.audio_dim, num_hidden_layers=cfg.audio_num_layers - 1)
-    text = tiny_text_encoder(seed, d_model=cfg.text_dim, max_length=cfg.text_len)
+    transformer = vae = audio = text = None
+    if "transformer" in components:
+        transformer = CausalS2VTransformer(cfg).randomize_for_tests(seed).to(device=device, dtype=dtype)
+    if "vae" in components:
+        vae = tiny_vae(seed)
+    if "audio" in components:
+        audio = AudioFeatureExtractor.tiny(seed, hidden_size=cfg.audio_dim,
+                                           num_hidden_layers=cfg.audio_num_layers - 1)
+    if "text" in components:
+        text = tiny_text_encoder(seed, d_model=cfg.text_dim, max_length=cfg.text_len)
     return transformer, vae, audio, text

@@ -28,13 +28,13 @@ from ..model.checkpoint import (
 )
 from ..model.config import Preset
 from ..model.transformer import CausalS2VTransformer
+from .bundle import ALL_COMPONENTS
 
 LORA_FILE = "liveavatar.safetensors"
 VAE_CANDIDATES = ("vae", "Wan2.1_VAE.pth")
 AUDIO_CANDIDATES = ("wav2vec2-large-xlsr-53-english", "wav2vec2", "audio_encoder")
 TEXT_CANDIDATES = ("text_encoder", "models_t5_umt5-xxl-enc-bf16.pth")
 
-ALL_COMPONENTS = ("transformer", "vae", "audio", "text")
 
 
 def _first(root: Path, names: Sequence[str]) -> Optional[Path]:

@@ -27,8 +27,12 @@ from avatarserve.serve.stage_host import StageHost, StageHostConfig
 from avatarserve.serve.synthetic import SinkRole, SyntheticStage
 from avatarserve.serve.transport import TransportOptions
 
-# Servicer adders for the Serve gRPC proxy (module:function strings); empty = no gRPC proxy.
-SERVE_GRPC_SERVICER_FUNCTIONS: list[str] = []
+# Servicer adders for the Serve gRPC proxy (module:function strings). One Serve instance per test session
+# serves the public API, so it is registered from the start (gRPC options cannot change while Serve runs).
+SERVE_GRPC_SERVICER_FUNCTIONS: list[str] = [
+    "avatarserve.v1.avatar_service_pb2_grpc.add_AvatarServiceServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
 
 
 def free_port() -> int:
@@ -139,13 +143,20 @@ def ray_cluster() -> Iterator[RayCluster]:
             ray.shutdown()
 
 
+@dataclass(frozen=True)
+class ServeInstance:
+    grpc_address: str
+    http_address: str
+
+
 @pytest.fixture(scope="session")
-def serve_instance(ray_cluster: RayCluster) -> Iterator[None]:
+def serve_instance(ray_cluster: RayCluster) -> Iterator[ServeInstance]:
     from ray import serve
 
-    grpc_options = {"port": free_port(), "grpc_servicer_functions": SERVE_GRPC_SERVICER_FUNCTIONS}
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": free_port()}, grpc_options=grpc_options)
-    yield None  # ray_cluster's teardown shuts Serve down
+    grpc_port, http_port = free_port(), free_port()
+    grpc_options = {"port": grpc_port, "grpc_servicer_functions": SERVE_GRPC_SERVICER_FUNCTIONS}
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": http_port}, grpc_options=grpc_options)
+    yield ServeInstance(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}")  # ray_cluster's teardown shuts Serve down
 
 
 # ------------------------------------------------------------------------------------ chains

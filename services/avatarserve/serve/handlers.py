@@ -1,0 +1,289 @@
+"""Stage handlers: the engine runners behind the gRPC data plane (one per deployment kind).
+
+A handler adapts wire items to engine payloads and back; it never redoes model math. Model work runs on a
+one-thread executor per replica (a stage's accelerator does one forward at a time, and torch kernels are not
+re-entrant friendly), while the data-plane event loop keeps moving other sessions' messages.
+
+Items on the wire, per block:
+  gateway -> AudioEncoder   tensors {pcm: float32 [samples_per_block]}, metadata {idle}
+  AudioEncoder -> Stage0    tensors {audio: float32 [1, L, C, frames_per_block]}
+  StageK -> StageK+1 / VAE  tensors {audio, latents: [1, 16, F, h, w] (model dtype)}
+  VaeDecoder -> gateway     tensors {jpeg: uint8 (frames concatenated), jpeg_sizes: int64 [T], h264: uint8}
+  control (last stage -> stages 0..3): kind "aas", tensors {latent: [1, 16, 1, h, w]}
+Session options (output formats, JPEG quality) arrive once, as JSON in the Open header's config bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+from typing import Any, Dict, List, Mapping, Optional
+
+import numpy as np
+import torch
+
+from ..engine.bundle import ModelBundle, build_bundle
+from ..engine.errors import BlockOrderError, EngineError, InvalidInput, SessionExists, SessionNotFound
+from ..engine.runners import AudioEncoderRunner, BlockPayload, DecoderRunner, StageRunner
+from .media import encode_h264_block, encode_jpeg_frames
+from .sink_store import SinkFrameStore, StoreError, sink_to_bytes
+from .transport import BlockItem, ControlBoard, ControlItem, ErrorCode, StageError
+
+log = logging.getLogger(__name__)
+
+AAS_KIND = "aas"
+
+
+class InvalidItem(StageError):
+    code = ErrorCode.INVALID_ARGUMENT
+
+
+class SessionStateError(StageError):
+    code = ErrorCode.ALREADY_EXISTS
+
+
+class StoreUnavailable(StageError):
+    code = ErrorCode.UNAVAILABLE
+
+
+def _stage_error(exc: BaseException) -> BaseException:
+    """Engine errors -> wire error codes."""
+    if isinstance(exc, (InvalidInput, BlockOrderError)):
+        return InvalidItem(str(exc))
+    if isinstance(exc, SessionExists):
+        return SessionStateError(str(exc))
+    if isinstance(exc, SessionNotFound):
+        err = StageError(str(exc))
+        err.code = ErrorCode.PROTOCOL
+        return err
+    if isinstance(exc, StoreError):
+        return StoreUnavailable(str(exc))
+    return exc
+
+
+class _EngineHandler:
+    """Shared plumbing: the model bundle of this replica, the sink store, the compute executor."""
+
+    components: tuple = ()
+
+    def __init__(self, config: Mapping[str, Any]):
+        self.config = dict(config)
+        model = self.config.get("model", {})
+        self.bundle: ModelBundle = build_bundle(
+            model.get("config", "tiny"), checkpoint=model.get("checkpoint"), seed=int(model.get("seed", 0)),
+            device=model.get("device", "cpu"), dtype=getattr(torch, model.get("dtype", "float32")),
+            stream_overrides=model.get("stream_overrides"), components=self.components)
+        self.stream = self.bundle.stream
+        self.name = str(self.config.get("name", type(self).__name__))
+        torch.set_num_threads(int(self.config.get("torch_threads", 1)))
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-compute")
+        self._store: Optional[SinkFrameStore] = None
+        self.session_options: Dict[str, dict] = {}
+
+    @property
+    def store(self) -> SinkFrameStore:
+        # Created lazily on the data-plane loop (redis.asyncio clients bind to the loop that uses them).
+        if self._store is None:
+            self._store = SinkFrameStore.from_url(self.config["redis_url"],
+                                                  namespace=self.config.get("namespace", "avatarserve:"))
+        return self._store
+
+    async def _run(self, fn, *args):
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except EngineError as exc:
+            raise _stage_error(exc) from exc
+
+    async def _sink(self, session_id: str):
+        try:
+            return await self.store.get_sink(session_id)
+        except StoreError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    def _options(self, session_id: str, config: bytes) -> dict:
+        try:
+            opts = json.loads(config.decode() or "{}")
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidItem(f"session config is not JSON: {exc}") from exc
+        if not isinstance(opts, dict):
+            raise InvalidItem("session config must be a JSON object")
+        self.session_options[session_id] = opts
+        return opts
+
+    def live_sessions(self) -> int:
+        return len(self.session_options)
+
+
+class AudioEncoderHandler(_EngineHandler):
+    components = ("audio",)
+
+    def __init__(self, config: Mapping[str, Any]):
+        super().__init__(config)
+        self.runner = AudioEncoderRunner(self.bundle.audio, self.stream)
+
+    async def open_session(self, session_id: str, config: bytes) -> None:
+        self._options(session_id, config)
+        await self._run(self.runner.create, session_id)
+
+    def _encode(self, session_id: str, pcm: np.ndarray) -> Optional[BlockPayload]:
+        self.runner.push(session_id, pcm)
+        return self.runner.next_block(session_id)
+
+    async def process(self, session_id: str, item: BlockItem) -> list:
+        pcm = item.tensor("pcm").numpy()
+        if pcm.dtype != np.float32 or pcm.ndim != 1 or pcm.size != self.stream.samples_per_block:
+            raise InvalidItem(f"block {item.block_index}: pcm must be float32 [{self.stream.samples_per_block}], "
+                              f"got {pcm.dtype} {list(pcm.shape)}")
+        payload = await self._run(self._encode, session_id, np.array(pcm))
+        if payload is None or payload.block_index != item.block_index:
+            raise InvalidItem(f"audio encoder out of step at block {item.block_index}")
+        return [BlockItem(block_index=item.block_index, pts_ms=item.pts_ms, metadata=dict(item.metadata),
+                          tensors={"audio": payload.audio.numpy()})]
+
+    async def close_session(self, session_id: str) -> None:
+        self.session_options.pop(session_id, None)
+        try:
+            self.runner.close(session_id)
+        except SessionNotFound:
+            pass
+
+
+class DenoiseStageHandler(_EngineHandler):
+    components = ("transformer",)
+
+    def __init__(self, config: Mapping[str, Any]):
+        super().__init__(config)
+        self.step = int(self.config["step"])
+        b = self.bundle
+        self.runner = StageRunner(self.step, b.transformer, b.schedule, self.stream)
+        self.board = ControlBoard()
+        self.replay_window = int(self.config.get("replay_window", self.stream.window_blocks))
+        self.aas_timeout_s = float(self.config.get("aas_timeout_s", 120.0))
+
+    async def open_session(self, session_id: str, config: bytes) -> None:
+        self._options(session_id, config)
+        sink = await self._sink(session_id)
+        self.board.open(session_id)
+        await self._run(self.runner.create, session_id, sink)
+
+    async def on_control(self, session_id: str, item: ControlItem) -> None:
+        self.board.publish(session_id, item)
+
+    async def process(self, session_id: str, item: BlockItem) -> list:
+        b = item.block_index
+        if self.runner.needs_aas(session_id, b):
+            if self.runner.is_last:
+                raise InvalidItem(f"block {b} reached the last stage before block 0 (no adaptive-sink latent)")
+            ctl = await self.board.wait_for(session_id, AAS_KIND, for_block=b, timeout_s=self.aas_timeout_s)
+            self.runner.set_aas_latent(session_id, _as_torch(ctl, "latent"))
+        # Copies: wire tensors are views into message bytes (unaligned), and SIMD kernels chosen by alignment
+        # would change results in the last bit, breaking equality with the sequential pipeline.
+        audio = item.tensor("audio").torch().clone()
+        latents = item.tensor("latents").torch().clone() if "latents" in item.tensors else None
+        payload = BlockPayload(session_id=session_id, block_index=b, pts_ms=item.pts_ms, audio=audio,
+                               latents=latents, steps_done=self.step)
+        # Replay log: what this stage consumed, so a replacement replica can refill its window.
+        replay = {"audio": audio} if latents is None else {"audio": audio, "latents": latents}
+        try:
+            await self.store.append_replay(session_id, f"step{self.step}", b, replay, self.replay_window)
+        except Exception as exc:  # noqa: BLE001 - losing the replay log must not stop a live session
+            log.warning("%s: replay log write failed for %s block %d: %s", self.name, session_id, b, exc)
+        out = await self._run(self.runner.step, payload)
+        items: List[Any] = [BlockItem(block_index=b, pts_ms=item.pts_ms, metadata=dict(item.metadata),
+                                      tensors={"audio": audio, "latents": out.latents})]
+        if self.runner.is_last and b == 0 and self.stream.adaptive_sink:
+            aas = out.latents[:, :, :1].contiguous()
+            self.runner.set_aas_latent(session_id, aas)
+            try:
+                await self.store.set_aas_latent(session_id, aas)
+            except StoreError as exc:
+                raise StoreUnavailable(str(exc)) from exc
+            items.append(ControlItem(kind=AAS_KIND, apply_from_block=self.stream.aas_after_blocks,
+                                     tensors={"latent": aas}, origin=self.name))
+        return items
+
+    async def close_session(self, session_id: str) -> None:
+        self.session_options.pop(session_id, None)
+        try:
+            self.board.close(session_id)
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            self.runner.close(session_id)
+        except SessionNotFound:
+            pass
+
+
+def _as_torch(ctl: ControlItem, name: str) -> torch.Tensor:
+    from .transport import WireTensor
+
+    return WireTensor.of(ctl.tensors[name]).torch()
+
+
+class VaeDecoderHandler(_EngineHandler):
+    """Streaming VAE decode per session; also turns a reference image + prompt into a sink (session setup)."""
+
+    components = ("vae", "text")
+
+    def __init__(self, config: Mapping[str, Any]):
+        super().__init__(config)
+        self.runner = DecoderRunner(self.bundle.vae, self.stream, self.bundle.model_config.motion_frames)
+
+    def prepare(self, image: bytes, prompt: str, seed: int) -> bytes:
+        """Reference image + prompt -> serialized SinkState (reference/motion latents, text embeddings)."""
+        text = self.bundle.encode_prompt(prompt)
+        return sink_to_bytes(self.runner.prepare_sink(image, text, int(seed)))
+
+    async def prepare_async(self, image: bytes, prompt: str, seed: int) -> bytes:
+        return await self._run(self.prepare, image, prompt, seed)
+
+    async def open_session(self, session_id: str, config: bytes) -> None:
+        self._options(session_id, config)
+        sink = await self._sink(session_id)
+        await self._run(self.runner.create, session_id, sink)
+
+    def _decode_encode(self, session_id: str, payload: BlockPayload) -> Dict[str, np.ndarray]:
+        frames = self.runner.decode(payload)
+        opts = self.session_options.get(session_id, {})
+        formats = opts.get("formats") or ["jpeg"]
+        out: Dict[str, np.ndarray] = {}
+        if "jpeg" in formats:
+            jpegs = encode_jpeg_frames(frames, int(opts.get("jpeg_quality", 85)))
+            out["jpeg"] = np.frombuffer(b"".join(jpegs), dtype=np.uint8)
+            out["jpeg_sizes"] = np.array([len(j) for j in jpegs], dtype=np.int64)
+        if "h264" in formats:
+            out["h264"] = np.frombuffer(encode_h264_block(frames, self.stream.fps), dtype=np.uint8)
+        if "rgb" in formats:
+            out["rgb"] = frames
+        return out
+
+    async def process(self, session_id: str, item: BlockItem) -> list:
+        payload = BlockPayload(session_id=session_id, block_index=item.block_index, pts_ms=item.pts_ms,
+                               audio=torch.zeros(0), latents=item.tensor("latents").torch().clone())
+        tensors = await self._run(self._decode_encode, session_id, payload)
+        meta = dict(item.metadata)
+        meta.update(num_frames=str(self.stream.frames_per_block), width=str(self.stream.width),
+                    height=str(self.stream.height))
+        return [BlockItem(block_index=item.block_index, pts_ms=item.pts_ms, metadata=meta, tensors=tensors)]
+
+    async def close_session(self, session_id: str) -> None:
+        self.session_options.pop(session_id, None)
+        try:
+            self.runner.close(session_id)
+        except SessionNotFound:
+            pass
+
+
+# Factories for serve/pipeline_app.py's StageSpec.handler ("module:callable").
+def audio_encoder(config: Mapping[str, Any]) -> AudioEncoderHandler:
+    return AudioEncoderHandler(config)
+
+
+def denoise_stage(config: Mapping[str, Any]) -> DenoiseStageHandler:
+    return DenoiseStageHandler(config)
+
+
+def vae_decoder(config: Mapping[str, Any]) -> VaeDecoderHandler:
+    return VaeDecoderHandler(config)

@@ -1,0 +1,292 @@
+"""`avatarserve up` / `avatarserve down`: the one-command local cluster.
+
+`up` starts, in order: a redis-server (unless REDIS_URL is set), a Ray head (`ray start --head --block` in its own
+process session, so `down` can stop exactly the processes it started and nothing else), then deploys the Serve
+application with the gRPC proxy, waits until the app is RUNNING and answers health checks, and prints the gRPC
+address. What it started is recorded in a state file (default ~/.avatarserve/local-cluster.json).
+
+Ray >= 2.59 turns token authentication on for local clusters. The local cluster binds only to 127.0.0.1 and we set
+RAY_AUTH_MODE=disabled deliberately for it (documented in the README); a multi-node deployment uses KubeRay.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "deploy" / "local.yaml"
+STATE_DIR = Path(os.environ.get("AVATARSERVE_STATE_DIR", Path.home() / ".avatarserve"))
+STATE_FILE = STATE_DIR / "local-cluster.json"
+
+
+class LauncherError(RuntimeError):
+    """The local cluster could not be started or stopped."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def load_config(path: Optional[str | os.PathLike] = None) -> Dict[str, Any]:
+    p = Path(path) if path else DEFAULT_CONFIG
+    if not p.exists():
+        raise LauncherError(f"deployment config {p} does not exist")
+    with open(p) as fh:
+        cfg = yaml.safe_load(fh) or {}
+    if not isinstance(cfg, dict):
+        raise LauncherError(f"{p}: expected a mapping at the top level")
+    cfg["_path"] = str(p)
+    return cfg
+
+
+@dataclass
+class ClusterState:
+    config_path: str
+    grpc_address: str
+    http_address: str
+    ray_address: str
+    redis_url: str
+    redis_pid: Optional[int] = None  # set only when we started redis-server
+    ray_pgid: Optional[int] = None
+    metrics_export_port: Optional[int] = None
+    started_at: float = field(default_factory=time.time)
+    app_name: str = "avatarserve"
+    temp_dir: Optional[str] = None
+
+    def save(self, path: Path = STATE_FILE) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path = STATE_FILE) -> Optional["ClusterState"]:
+        if not path.exists():
+            return None
+        return cls(**json.loads(path.read_text()))
+
+
+def _wait_port(host: str, port: int, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise LauncherError(f"{what} did not open {host}:{port} within {timeout:.0f} s")
+
+
+def start_redis(port: int, workdir: Path) -> int:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise LauncherError("redis-server is not installed (apt-get install redis-server) and REDIS_URL is not set")
+    workdir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir), "--protected-mode", "yes"],
+        stdout=open(workdir / "redis.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    _wait_port("127.0.0.1", port, 15, "redis-server")
+    return proc.pid
+
+
+def ray_env() -> Dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only local cluster, see module docstring
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    return env
+
+
+def start_ray_head(cfg: Dict[str, Any], temp_dir: Path, metrics_port: int) -> tuple[int, str]:
+    cl = cfg.get("cluster", {})
+    port = int(cl.get("ray_port") or free_port())
+    num_cpus = cl.get("num_cpus") or os.cpu_count() or 2
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+           "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", str(num_cpus),
+           "--num-gpus", str(cl.get("num_gpus", 0)), "--include-dashboard", str(bool(cl.get("dashboard", False))).lower(),
+           "--disable-usage-stats", "--metrics-export-port", str(metrics_port), "--temp-dir", str(temp_dir)]
+    resources = cl.get("resources")
+    if resources:
+        cmd += ["--resources", json.dumps(resources)]
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(cmd, stdout=open(temp_dir / "ray-head.log", "ab"), stderr=subprocess.STDOUT,
+                            env=ray_env(), start_new_session=True)
+    try:
+        _wait_port("127.0.0.1", port, 90, "the Ray head (GCS)")
+    except LauncherError:
+        _kill_group(proc.pid)
+        raise
+    return proc.pid, f"127.0.0.1:{port}"
+
+
+def _kill_group(pgid: int, timeout: float = 25.0) -> None:
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.3)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _kill_pid(pid: int, timeout: float = 10.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def deploy_app(cfg: Dict[str, Any], ray_address: str, redis_url: str, grpc_port: int, http_port: int) -> None:
+    """Connect to the cluster and deploy the Serve app (driver exits afterwards; Serve keeps running)."""
+    os.environ.update({k: v for k, v in ray_env().items() if k.startswith("RAY_")})
+    import ray
+    from ray import serve
+
+    from .app import build_app, grpc_options, http_options
+
+    ray.init(address=ray_address, log_to_driver=False, namespace="avatarserve")
+    try:
+        serve.start(grpc_options=grpc_options(grpc_port), http_options=http_options(http_port))
+        app_cfg = dict(cfg.get("app", {}))
+        app_cfg["redis_url"] = redis_url
+        name = app_cfg.get("name", "avatarserve")
+        serve.run(build_app(app_cfg), name=name, route_prefix=app_cfg.get("route_prefix", "/avatarserve"),
+                  blocking=False)
+        _wait_app_running(name, timeout=float(app_cfg.get("startup_timeout_s", 300)))
+    finally:
+        ray.shutdown()
+
+
+def _wait_app_running(name: str, timeout: float) -> None:
+    from ray import serve
+
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        st = serve.status().applications.get(name)
+        if st is not None:
+            last = st.status
+            if str(last).endswith("RUNNING"):
+                return
+            if str(last).endswith("DEPLOY_FAILED"):
+                raise LauncherError(f"Serve app {name!r} failed to deploy: {st.message}")
+        time.sleep(1.0)
+    raise LauncherError(f"Serve app {name!r} not RUNNING after {timeout:.0f} s (last status {last})")
+
+
+def wait_grpc_healthy(address: str, timeout: float = 60.0) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.time() + timeout
+    err: Exception | None = None
+    while time.time() < deadline:
+        try:
+            with grpc.insecure_channel(address) as ch:
+                resp = health_pb2_grpc.HealthStub(ch).Check(
+                    health_pb2.HealthCheckRequest(service="avatarserve.v1.AvatarService"), timeout=5,
+                    metadata=(("application", "avatarserve"),))
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except Exception as exc:  # noqa: BLE001 - retried until the deadline
+            err = exc
+        time.sleep(1.0)
+    raise LauncherError(f"gRPC endpoint {address} not healthy after {timeout:.0f} s: {err}")
+
+
+def up(config_path: Optional[str] = None, *, state_file: Path = STATE_FILE, quiet: bool = False) -> int:
+    existing = ClusterState.load(state_file)
+    if existing is not None:
+        raise LauncherError(f"a local cluster is already recorded in {state_file} (gRPC {existing.grpc_address}); "
+                            "run `avatarserve down` first")
+    cfg = load_config(config_path)
+    cl = cfg.get("cluster", {})
+    grpc_port = int(cl.get("grpc_port") or free_port())
+    http_port = int(cl.get("http_port") or free_port())
+    metrics_port = int(cl.get("metrics_export_port") or free_port())
+    workdir = Path(cl.get("work_dir") or (state_file.parent / "run"))
+    temp_dir = Path(cl.get("ray_temp_dir") or f"/tmp/avatarserve-ray-{os.getpid()}")
+    redis_url = os.environ.get("REDIS_URL")
+    redis_pid = None
+    state = None
+    try:
+        if not redis_url:
+            rport = int(cfg.get("redis", {}).get("port") or free_port())
+            redis_pid = start_redis(rport, workdir)
+            redis_url = f"redis://127.0.0.1:{rport}/0"
+        ray_pgid, ray_address = start_ray_head(cfg, temp_dir, metrics_port)
+        state = ClusterState(config_path=cfg["_path"], grpc_address=f"127.0.0.1:{grpc_port}",
+                             http_address=f"http://127.0.0.1:{http_port}", ray_address=ray_address,
+                             redis_url=redis_url, redis_pid=redis_pid, ray_pgid=ray_pgid,
+                             metrics_export_port=metrics_port, temp_dir=str(temp_dir),
+                             app_name=cfg.get("app", {}).get("name", "avatarserve"))
+        state.save(state_file)  # record before deploying so `down` can clean up a half-started cluster
+        deploy_app(cfg, ray_address, redis_url, grpc_port, http_port)
+        wait_grpc_healthy(state.grpc_address)
+    except BaseException:
+        if state is not None:
+            down(state_file=state_file, quiet=True)
+        elif redis_pid:
+            _kill_pid(redis_pid)
+        raise
+    if not quiet:
+        print(json.dumps({"grpc_address": state.grpc_address, "http_address": state.http_address,
+                          "ray_address": state.ray_address, "redis_url": state.redis_url,
+                          "metrics_export_port": metrics_port, "state_file": str(state_file)}))
+    return 0
+
+
+def down(*, state_file: Path = STATE_FILE, quiet: bool = False) -> int:
+    state = ClusterState.load(state_file)
+    if state is None:
+        if not quiet:
+            print(json.dumps({"stopped": False, "reason": f"no local cluster recorded in {state_file}"}))
+        return 0
+    stopped: List[str] = []
+    if state.ray_pgid:
+        try:  # graceful first: let Serve drain its replicas
+            subprocess.run([sys.executable, "-c", (
+                "import ray, sys\nfrom ray import serve\n"
+                f"ray.init(address={state.ray_address!r}, log_to_driver=False)\nserve.shutdown()\n")],
+                env=ray_env(), timeout=60, capture_output=True)
+        except Exception:  # noqa: BLE001 - the process group is killed below anyway
+            pass
+        _kill_group(state.ray_pgid)
+        stopped.append("ray")
+    if state.redis_pid:
+        _kill_pid(state.redis_pid)
+        stopped.append("redis-server")
+    state_file.unlink(missing_ok=True)
+    if not quiet:
+        print(json.dumps({"stopped": True, "processes": stopped}))
+    return 0

@@ -1,0 +1,180 @@
+"""Redis schema of the sink-frame cache: everything a replica needs to (re)build a session.
+
+Keys (under `namespace`, default "avatarserve:"):
+    session:{sid}        hash   token_sha256, state, width, height, seed, created_ms, counters (HINCRBY)
+    sink:{sid}           string safetensors bytes: reference, motion, text (+ aas once known) latents
+    replay:{sid}:{stage} list   the last `window` inputs of that stage (newest first), safetensors bytes each
+
+Every key of a session carries the same TTL, refreshed while the session streams (`touch`), so sessions whose
+gateway died are collected by Redis itself. Tensors are stored as safetensors blobs: typed, versioned, and loadable
+without pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import redis.asyncio as aioredis
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ..engine.sink import SinkState
+
+SESSION_FIELDS = ("audio_samples", "blocks_generated", "blocks_delivered", "frames_delivered", "interrupts",
+                  "idle_blocks")
+
+
+class StoreError(Exception):
+    """The sink-frame cache is unreachable or holds unreadable data."""
+
+
+def tensors_to_bytes(tensors: Dict[str, torch.Tensor], meta: Optional[Dict[str, str]] = None) -> bytes:
+    return st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=meta or {})
+
+
+def tensors_from_bytes(blob: bytes) -> Dict[str, torch.Tensor]:
+    return st_load(blob)
+
+
+def sink_to_bytes(sink: SinkState) -> bytes:
+    t = {"reference": sink.reference, "motion": sink.motion, "text": sink.text}
+    if sink.aas_latent is not None:
+        t["aas_latent"] = sink.aas_latent
+    return tensors_to_bytes(t, {"seed": str(sink.seed)})
+
+
+def sink_from_bytes(blob: bytes) -> SinkState:
+    t = tensors_from_bytes(blob)
+    seed = int(_metadata(blob).get("seed", "0"))
+    return SinkState(reference=t["reference"], motion=t["motion"], text=t["text"], seed=seed,
+                     aas_latent=t.get("aas_latent"))
+
+
+def _metadata(blob: bytes) -> Dict[str, str]:
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    return header.get("__metadata__", {}) or {}
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass
+class SessionRecord:
+    session_id: str
+    state: str
+    width: int
+    height: int
+    seed: int
+    created_ms: int
+    counters: Dict[str, int]
+
+
+class SinkFrameStore:
+    def __init__(self, client: aioredis.Redis, *, namespace: str = "avatarserve:", ttl_s: float = 3600.0):
+        self.r = client
+        self.ns = namespace
+        self.ttl_ms = int(ttl_s * 1000)
+
+    @classmethod
+    def from_url(cls, url: str, **kw) -> "SinkFrameStore":
+        return cls(aioredis.from_url(url), **kw)
+
+    async def close(self) -> None:
+        await self.r.aclose()
+
+    def _k(self, kind: str, sid: str, extra: str = "") -> str:
+        return f"{self.ns}{kind}:{sid}" + (f":{extra}" if extra else "")
+
+    # ----- sessions ---------------------------------------------------------------------------------------
+    async def create_session(self, sid: str, sink: SinkState, *, width: int, height: int) -> str:
+        """Store a new session; returns its (secret) token. Only the token's hash is stored."""
+        token = secrets.token_urlsafe(24)
+        fields = {"token_sha256": hash_token(token), "state": "CREATED", "width": width, "height": height,
+                  "seed": sink.seed, "created_ms": int(time.time() * 1000)}
+        fields.update({f: 0 for f in SESSION_FIELDS})
+        async with self.r.pipeline(transaction=True) as p:
+            p.hset(self._k("session", sid), mapping=fields)
+            p.pexpire(self._k("session", sid), self.ttl_ms)
+            p.set(self._k("sink", sid), sink_to_bytes(sink), px=self.ttl_ms)
+            await p.execute()
+        return token
+
+    async def check_token(self, sid: str, token: str) -> Optional[bool]:
+        """None: no such session; False: wrong token; True: ok."""
+        stored = await self.r.hget(self._k("session", sid), "token_sha256")
+        if stored is None:
+            return None
+        return hmac.compare_digest(stored.decode(), hash_token(token or ""))
+
+    async def get_session(self, sid: str) -> Optional[SessionRecord]:
+        h = await self.r.hgetall(self._k("session", sid))
+        if not h:
+            return None
+        d = {k.decode(): v.decode() for k, v in h.items()}
+        return SessionRecord(session_id=sid, state=d.get("state", "UNKNOWN"), width=int(d.get("width", 0)),
+                             height=int(d.get("height", 0)), seed=int(d.get("seed", 0)),
+                             created_ms=int(d.get("created_ms", 0)),
+                             counters={f: int(d.get(f, 0)) for f in SESSION_FIELDS})
+
+    async def set_state(self, sid: str, state: str) -> None:
+        await self.r.hset(self._k("session", sid), "state", state)
+
+    async def incr(self, sid: str, **counters: int) -> None:
+        async with self.r.pipeline(transaction=False) as p:
+            for k, v in counters.items():
+                if v:
+                    p.hincrby(self._k("session", sid), k, int(v))
+            await p.execute()
+
+    async def touch(self, sid: str) -> None:
+        keys = [self._k("session", sid), self._k("sink", sid)] + [k async for k in self._replay_keys(sid)]
+        async with self.r.pipeline(transaction=False) as p:
+            for k in keys:
+                p.pexpire(k, self.ttl_ms)
+            await p.execute()
+
+    async def delete_session(self, sid: str) -> None:
+        keys = [self._k("session", sid), self._k("sink", sid)] + [k async for k in self._replay_keys(sid)]
+        await self.r.delete(*keys)
+
+    # ----- sink ------------------------------------------------------------------------------------------
+    async def get_sink(self, sid: str) -> SinkState:
+        blob = await self.r.get(self._k("sink", sid))
+        if blob is None:
+            raise StoreError(f"no sink stored for session {sid!r}")
+        return sink_from_bytes(blob)
+
+    async def set_aas_latent(self, sid: str, latent: torch.Tensor) -> None:
+        sink = await self.get_sink(sid)
+        sink.aas_latent = latent.detach().float().cpu()
+        await self.r.set(self._k("sink", sid), sink_to_bytes(sink), px=self.ttl_ms)
+
+    # ----- replay log --------------------------------------------------------------------------------------
+    async def append_replay(self, sid: str, stage: str, block_index: int, tensors: Dict[str, torch.Tensor],
+                            window: int) -> None:
+        key = self._k("replay", sid, stage)
+        blob = tensors_to_bytes(tensors, {"block_index": str(block_index)})
+        async with self.r.pipeline(transaction=True) as p:
+            p.lpush(key, blob)
+            p.ltrim(key, 0, window - 1)
+            p.pexpire(key, self.ttl_ms)
+            await p.execute()
+
+    async def get_replay(self, sid: str, stage: str) -> List[Tuple[int, Dict[str, torch.Tensor]]]:
+        """Oldest first."""
+        blobs = await self.r.lrange(self._k("replay", sid, stage), 0, -1)
+        out = [(int(_metadata(b)["block_index"]), tensors_from_bytes(b)) for b in blobs]
+        return sorted(out, key=lambda x: x[0])
+
+    async def _replay_keys(self, sid: str):
+        async for k in self.r.scan_iter(match=self._k("replay", sid, "*")):
+            yield k

@@ -1,0 +1,387 @@
+"""One open StreamSession: client audio in, pipeline blocks out, video chunks back, on the audio clock.
+
+The controller owns the session's *timeline*. The audio clock is the master: every position is a sample index of
+the stream clock (0 = the stream's first sample). The gateway keeps client audio in a bounded buffer and feeds the
+pipeline one whole block of PCM at a time, at most `max_in_flight` blocks ahead of delivery, so:
+
+- TPP stays full (while stage k works on block n, stage k-1 works on block n+1);
+- INTERRUPT is cheap: buffered audio is dropped at once, and blocks already in flight are generated but not
+  delivered; the next block is fed immediately as an idle (silence) block;
+- a client that stops sending (IDLE_MODE_FILL_SILENCE) gets idle blocks: block n is filled with silence once its
+  whole span is due on the wall clock plus `fill_grace_ms`; audio that arrives later for a filled span is counted
+  late and dropped;
+- a slow reader stalls the receiver, then the pipeline, then the feeder, then reading client audio (back-pressure
+  all the way to the client; nothing grows without bound).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Dict, Optional
+
+import numpy as np
+
+from avatarserve.v1 import avatar_service_pb2 as pb
+
+from .transport import BlockItem, ControlItem, ErrorCode, PipelineError
+
+IDLE_RMS = 1e-3
+
+
+class StreamAbort(Exception):
+    """Ends the stream with a gRPC status (code name from grpc.StatusCode) and message."""
+
+    def __init__(self, code: str, message: str, trailing: Optional[Dict[str, str]] = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.trailing = trailing or {}
+
+
+@dataclass
+class StreamSettings:
+    sample_rate: int
+    samples_per_block: int
+    frames_per_block: int
+    fps: int
+    width: int
+    height: int
+    encoding: str = "s16le"  # or "f32le"
+    idle_mode: str = "fill"  # or "wait"
+    fill_grace_ms: int = 200
+    idle_timeout_s: float = 300.0
+    max_chunk_ms: int = 1000
+    max_buffer_s: float = 30.0
+    max_in_flight: int = 7
+
+    @property
+    def block_ms(self) -> float:
+        return self.samples_per_block * 1000.0 / self.sample_rate
+
+
+@dataclass
+class _InFlight:
+    pts_ms: int
+    is_idle: bool
+    sent_at: float
+    discard: bool = False
+
+
+@dataclass
+class Counters:
+    audio_samples_received: int = 0
+    audio_chunks_received: int = 0
+    audio_samples_late: int = 0
+    audio_samples_discarded: int = 0
+    blocks_generated: int = 0
+    blocks_delivered: int = 0
+    idle_blocks_delivered: int = 0
+    frames_delivered: int = 0
+    interrupts: int = 0
+    streams_opened: int = 1
+
+    def proto(self) -> pb.SessionCounters:
+        return pb.SessionCounters(**self.__dict__)
+
+
+class _Done:
+    pass
+
+
+class StreamController:
+    def __init__(self, session_id: str, settings: StreamSettings, pipe: Any, *,
+                 on_block: Optional[Callable[[dict], Any]] = None, clock: Callable[[], float] = time.monotonic,
+                 geometry: Optional[pb.SessionGeometry] = None):
+        self.sid = session_id
+        self.s = settings
+        self.pipe = pipe
+        self.clock = clock
+        self.on_block = on_block  # async callback with per-block stats (metrics, Redis counters)
+        self.geometry = geometry
+        self.counters = Counters()
+        self.out_q: asyncio.Queue = asyncio.Queue(maxsize=4)
+        self._wake = asyncio.Event()
+        self._buf = np.zeros(0, dtype=np.float32)
+        self._buf_real = 0  # real client samples in the buffer (not gap-filled)
+        self.clock_pos = 0  # stream-clock sample index where the next fed block starts
+        self.real_end = 0  # end of real client audio received (stream clock)
+        self.next_block = 0
+        self.in_flight: Dict[int, _InFlight] = {}
+        self.end_of_input = False
+        self.force_idle = False
+        self.last_seq = -1
+        self.t0 = 0.0
+        self.last_audio_at = 0.0
+        self.speaking: Optional[bool] = None
+        self.interrupted_at: Optional[float] = None
+        self.interrupt_to_idle_s: list = []
+        self.ttff_s: Optional[float] = None
+        self.first_sent_at: Optional[float] = None
+        self._fatal: Optional[BaseException] = None
+        self.end_reason = "end_of_input"
+
+    # ----- public -------------------------------------------------------------------------------------------
+    async def run(self, requests: AsyncIterator) -> AsyncIterator[pb.ServerMessage]:
+        self.t0 = self.last_audio_at = self.clock()
+        yield pb.ServerMessage(status=pb.StatusEvent(kind=pb.StatusEvent.KIND_STARTED, pts_ms=0,
+                                                      geometry=self.geometry, counters=self.counters.proto()))
+        tasks = [asyncio.create_task(self._guard(self._read(requests)), name="read"),
+                 asyncio.create_task(self._guard(self._feed()), name="feed"),
+                 asyncio.create_task(self._guard(self._receive()), name="receive")]
+        try:
+            while True:
+                msg = await self.out_q.get()
+                if isinstance(msg, _Done):
+                    break
+                yield msg
+            if self._fatal is not None:
+                raise self._fatal
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ----- internals ------------------------------------------------------------------------------------------
+    async def _guard(self, coro) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # first failure ends the stream with its status
+            if self._fatal is None:
+                self._fatal = exc if isinstance(exc, StreamAbort) else _abort_for(exc)
+            await self._put(_Done())
+
+    async def _put(self, msg) -> None:
+        await self.out_q.put(msg)
+
+    def _status(self, kind: int, message: str = "", pts_ms: int = 0, block_index: int = 0, code: str = "") -> pb.ServerMessage:
+        return pb.ServerMessage(status=pb.StatusEvent(kind=kind, message=message, pts_ms=pts_ms, block_index=block_index,
+                                                      code=code, counters=self.counters.proto()))
+
+    def _ms(self, samples: int) -> int:
+        return samples * 1000 // self.s.sample_rate
+
+    def _decode_pcm(self, data: bytes) -> np.ndarray:
+        if self.s.encoding == "f32le":
+            if len(data) % 4:
+                raise StreamAbort("INVALID_ARGUMENT", f"f32le pcm of {len(data)} bytes is not a multiple of 4")
+            x = np.frombuffer(data, dtype="<f4").astype(np.float32)
+            if not np.isfinite(x).all():
+                raise StreamAbort("INVALID_ARGUMENT", "f32le audio contains NaN or Inf")
+            return np.clip(x, -1.0, 1.0)
+        if len(data) % 2:
+            raise StreamAbort("INVALID_ARGUMENT", f"s16le pcm of {len(data)} bytes is not a multiple of 2")
+        return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+
+    async def _read(self, requests: AsyncIterator) -> None:
+        async for msg in requests:
+            kind = msg.WhichOneof("kind")
+            if kind == "audio":
+                await self._on_audio(msg.audio)
+            elif kind == "control":
+                if msg.control.kind == pb.Control.KIND_INTERRUPT:
+                    await self._interrupt()
+                elif msg.control.kind == pb.Control.KIND_END_OF_INPUT:
+                    break
+                else:
+                    raise StreamAbort("INVALID_ARGUMENT", f"unknown control kind {msg.control.kind}")
+            elif kind == "hello":
+                raise StreamAbort("INVALID_ARGUMENT", "Hello may only be the first message of a stream")
+            else:
+                raise StreamAbort("INVALID_ARGUMENT", "empty ClientMessage")
+        self.end_of_input = True  # END_OF_INPUT or half-close
+        self._wake.set()
+
+    async def _on_audio(self, chunk: pb.AudioChunk) -> None:
+        if chunk.seq <= self.last_seq:
+            raise StreamAbort("INVALID_ARGUMENT", f"audio seq {chunk.seq} does not increase (last {self.last_seq})")
+        self.last_seq = chunk.seq
+        pcm = self._decode_pcm(chunk.pcm)
+        if len(pcm) * 1000 > self.s.max_chunk_ms * self.s.sample_rate:
+            raise StreamAbort("INVALID_ARGUMENT", f"audio chunk of {self._ms(len(pcm))} ms is longer than "
+                                                  f"{self.s.max_chunk_ms} ms")
+        if chunk.pts_ms < 0:
+            raise StreamAbort("INVALID_ARGUMENT", f"negative pts_ms {chunk.pts_ms}")
+        self.counters.audio_chunks_received += 1
+        if not len(pcm):
+            return  # keep-alive
+        self.last_audio_at = self.clock()
+        start = chunk.pts_ms * self.s.sample_rate // 1000
+        tol = self.s.sample_rate // 1000
+        if start < self.real_end - tol:
+            raise StreamAbort("INVALID_ARGUMENT", f"audio pts_ms {chunk.pts_ms} overlaps audio already received "
+                                                  f"(received up to {self._ms(self.real_end)} ms)")
+        start = max(start, self.real_end)  # absorb the rounding tolerance
+        timeline_end = self.clock_pos + len(self._buf)
+        if start < timeline_end:  # its span was already filled with silence: late
+            late = min(len(pcm), timeline_end - start)
+            self.counters.audio_samples_late += late
+            pcm = pcm[late:]
+            start += late
+        elif start > timeline_end:  # a gap on the client's clock: silence
+            self._buf = np.concatenate([self._buf, np.zeros(start - timeline_end, np.float32)])
+        self.real_end = start + len(pcm) if len(pcm) else max(self.real_end, start)
+        if len(pcm):
+            self._buf = np.concatenate([self._buf, pcm])
+            self._buf_real += len(pcm)
+            self.counters.audio_samples_received += len(pcm)
+        self._wake.set()
+        # Back-pressure: stop reading the client while too much audio waits.
+        while len(self._buf) > self.s.max_buffer_s * self.s.sample_rate and self._fatal is None:
+            await asyncio.sleep(0.02)
+
+    async def _interrupt(self) -> None:
+        self.counters.interrupts += 1
+        self.counters.audio_samples_discarded += self._buf_real
+        for f in self.in_flight.values():
+            f.discard = True
+        self.clock_pos = max(self.clock_pos + len(self._buf), self.real_end)
+        self._buf = np.zeros(0, np.float32)
+        self._buf_real = 0
+        self.force_idle = True
+        self.interrupted_at = self.clock()
+        await self._put(self._status(pb.StatusEvent.KIND_INTERRUPTED, "interrupt", pts_ms=self._ms(self.clock_pos),
+                                     block_index=self.next_block))
+        self._wake.set()
+
+    def _due(self) -> bool:
+        """Is the next block's span fully due on the wall clock (plus grace)?"""
+        end_s = (self.clock_pos + self.s.samples_per_block) / self.s.sample_rate
+        return self.clock() >= self.t0 + end_s + self.s.fill_grace_ms / 1000.0
+
+    async def _send_block(self, pcm: np.ndarray, real_samples: int) -> None:
+        spb = self.s.samples_per_block
+        rms = float(np.sqrt(np.mean(np.square(pcm, dtype=np.float64)))) if real_samples else 0.0
+        is_idle = real_samples == 0 or rms < IDLE_RMS
+        b = self.next_block
+        pts = self._ms(self.clock_pos)
+        self.in_flight[b] = _InFlight(pts_ms=pts, is_idle=is_idle, sent_at=self.clock())
+        if self.first_sent_at is None:
+            self.first_sent_at = self.clock()
+        self.next_block += 1
+        self.clock_pos += spb
+        await self.pipe.send(BlockItem(block_index=b, pts_ms=pts, tensors={"pcm": pcm.astype(np.float32)},
+                                       metadata={"idle": "1" if is_idle else "0"}))
+
+    async def _take_block(self, pad: bool) -> None:
+        spb = self.s.samples_per_block
+        take = self._buf[:spb]
+        real = min(self._buf_real, len(take))
+        if len(take) < spb:
+            if not pad:
+                return
+            take = np.concatenate([take, np.zeros(spb - len(take), np.float32)])
+        self._buf = self._buf[spb:]
+        self._buf_real -= real
+        await self._send_block(take, real)
+
+    async def _feed(self) -> None:
+        spb = self.s.samples_per_block
+        while True:
+            self._wake.clear()
+            if len(self.in_flight) < self.s.max_in_flight:
+                if self.force_idle:
+                    self.force_idle = False
+                    self._buf, self._buf_real = np.zeros(0, np.float32), 0
+                    await self._send_block(np.zeros(spb, np.float32), 0)
+                    continue
+                if len(self._buf) >= spb:
+                    await self._take_block(pad=False)
+                    continue
+                if self.end_of_input:
+                    if len(self._buf):
+                        await self._take_block(pad=True)
+                    await self.pipe.end("end_of_input")
+                    return
+                if self.s.idle_mode == "fill" and self._due():
+                    await self._take_block(pad=True)
+                    continue
+            if self.s.idle_timeout_s and self.clock() - self.last_audio_at > self.s.idle_timeout_s:
+                self.end_reason = "idle_timeout"
+                self.end_of_input = True
+                continue
+            # Sleep until something changes or the next block falls due.
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=0.05)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _receive(self) -> None:
+        while True:
+            item = await self.pipe.receive()
+            if item is None:
+                break
+            if isinstance(item, ControlItem):
+                continue  # e.g. the adaptive-sink latent on its way to the head: not for the client
+            await self._deliver(item)
+            self._wake.set()
+        await self._put(self._status(pb.StatusEvent.KIND_DRAINED, self.end_reason, pts_ms=self._ms(self.clock_pos),
+                                     block_index=self.next_block))
+        await self._put(self._status(pb.StatusEvent.KIND_END_OF_STREAM, self.end_reason,
+                                     pts_ms=self._ms(self.clock_pos), block_index=self.next_block))
+        await self._put(_Done())
+
+    async def _deliver(self, item: BlockItem) -> None:
+        b = item.block_index
+        meta = self.in_flight.pop(b, None)
+        if meta is None:
+            raise StreamAbort("INTERNAL", f"pipeline returned block {b}, which was not in flight")
+        self.counters.blocks_generated += 1
+        now = self.clock()
+        if meta.discard:
+            return
+        if self.ttff_s is None:
+            self.ttff_s = now - (self.first_sent_at or now)
+        if meta.is_idle and self.interrupted_at is not None:
+            self.interrupt_to_idle_s.append(now - self.interrupted_at)
+            self.interrupted_at = None
+        if self.speaking is None or self.speaking == meta.is_idle:
+            self.speaking = not meta.is_idle
+            kind = pb.StatusEvent.KIND_SPEAKING if self.speaking else pb.StatusEvent.KIND_IDLE
+            await self._put(self._status(kind, pts_ms=meta.pts_ms, block_index=b))
+        chunk = pb.VideoChunk(block_index=b, pts_ms=meta.pts_ms, duration_ms=int(round(self.s.block_ms)),
+                              is_idle=meta.is_idle, width=self.s.width, height=self.s.height,
+                              num_frames=self.s.frames_per_block)
+        if "jpeg" in item.tensors:
+            data = _as_bytes(item.tensors["jpeg"])
+            sizes = _as_numpy(item.tensors["jpeg_sizes"]).tolist()
+            off = 0
+            for n in sizes:
+                chunk.jpeg_frames.append(data[off:off + n])
+                off += n
+        if "h264" in item.tensors:
+            chunk.h264 = _as_bytes(item.tensors["h264"])
+        self.counters.blocks_delivered += 1
+        self.counters.frames_delivered += self.s.frames_per_block
+        self.counters.idle_blocks_delivered += int(meta.is_idle)
+        await self._put(pb.ServerMessage(video=chunk))
+        if self.on_block is not None:
+            await self.on_block({"block_index": b, "is_idle": meta.is_idle, "latency_s": now - meta.sent_at,
+                                 "pts_ms": meta.pts_ms, "wall_s": now - self.t0})
+
+
+def _as_numpy(t) -> np.ndarray:
+    from .transport import WireTensor
+
+    return WireTensor.of(t).numpy()
+
+
+def _as_bytes(t) -> bytes:
+    return _as_numpy(t).tobytes()
+
+
+_PIPE_TO_GRPC = {
+    ErrorCode.INVALID_ARGUMENT: "INVALID_ARGUMENT",
+    ErrorCode.UNAVAILABLE: "UNAVAILABLE",
+    ErrorCode.DEADLINE_EXCEEDED: "DEADLINE_EXCEEDED",
+}
+
+
+def _abort_for(exc: BaseException) -> StreamAbort:
+    if isinstance(exc, PipelineError):
+        return StreamAbort(_PIPE_TO_GRPC.get(exc.code, "INTERNAL"), f"pipeline error: {exc.message}")
+    return StreamAbort("INTERNAL", f"{type(exc).__name__}: {exc}")
