@@ -6,9 +6,7 @@ used here on the sequential pipeline's frames, so equal bytes mean equal frames 
 
 from __future__ import annotations
 
-import io
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -20,18 +18,9 @@ from avatarserve.serve.media import encode_jpeg_frames
 
 pytestmark = pytest.mark.integration
 
-APP = "avatarserve"
+from .conftest import APP, png as _png
+
 QUALITY = 90
-
-
-def _png(seed: int) -> bytes:
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    arr = (rng.random((80, 96, 3)) * 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _speech(blocks: int, seed: int) -> np.ndarray:
@@ -42,30 +31,6 @@ def _speech(blocks: int, seed: int) -> np.ndarray:
     env = (np.sin(2 * np.pi * (2 + seed) * t) > 0).astype(np.float32)
     x = 0.3 * env * np.sin(2 * np.pi * 180 * t) + 0.02 * rng.standard_normal(n)
     return (np.clip(x, -1, 1) * 32767).astype(np.int16)
-
-
-@pytest.fixture(scope="module")
-def cluster(serve_instance, redis_server):
-    from ray import serve
-
-    from avatarserve.serve.app import build_app
-
-    cfg = {"redis_url": redis_server.url, "namespace": "itest:", "registry_namespace": "itest:",
-           "model": {"config": "tiny", "seed": 0}}
-    serve.run(build_app(cfg), name=APP, route_prefix="/avatarserve", blocking=False)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        st = serve.status().applications.get(APP)
-        if st is not None and str(st.status).endswith("RUNNING"):
-            break
-        time.sleep(1)
-    else:
-        pytest.fail(f"app not running: {serve.status().applications.get(APP)}")
-    from avatarserve.serve.launcher import wait_grpc_healthy
-
-    wait_grpc_healthy(serve_instance.grpc_address, timeout=120)
-    yield serve_instance.grpc_address
-    serve.delete(APP)
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,10 @@ class _Abort(Exception):
         self.code, self.message, self.trailing = code, message, trailing or {}
 
 
+class _StreamFailed(RuntimeError):
+    """Raised after the status code was set on the Serve gRPC context."""
+
+
 def _apply(ctx: Any, err: _Abort) -> None:
     if ctx is None:
         raise err
@@ -279,12 +283,15 @@ class Gateway:
                 await store.incr(sid, audio_samples=ctl.counters.audio_samples_received,
                                  interrupts=ctl.counters.interrupts)
             await store.set_state(sid, "IDLE")
-        except _Abort as err:
+        except (_Abort, StreamAbort) as err:
+            if isinstance(err, StreamAbort):
+                if lock_key is not None and err.code == "INTERNAL":
+                    await store.set_state(sid, "FAILED")
+                err = _Abort(getattr(grpc.StatusCode, err.code), err.message, err.trailing)
             _apply(grpc_context, err)
-        except StreamAbort as err:
-            _apply(grpc_context, _Abort(getattr(grpc.StatusCode, err.code), err.message, err.trailing))
-            if lock_key is not None and err.code == "INTERNAL":
-                await store.set_state(sid, "FAILED")
+            # A streaming method's status only reaches the client through an exception raised after setting
+            # the code (Serve wraps it with the code set on the context); returning would end the call OK.
+            raise _StreamFailed(err.message) from None
         finally:
             if pipe is not None:
                 await pipe.close()

@@ -1,0 +1,45 @@
+"""Session-wide deployment of the AvatarServe app on the shared local Ray cluster + redis-server."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pytest
+
+APP = "avatarserve"
+
+
+def png(seed: int, size=(80, 96)) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arr = (rng.random((size[0], size[1], 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def cluster(serve_instance, redis_server):
+    """gRPC address of a running AvatarServe app (tiny model) on the test session's Ray cluster."""
+    from ray import serve
+
+    from avatarserve.serve.app import build_app
+    from avatarserve.serve.launcher import wait_grpc_healthy
+
+    cfg = {"redis_url": redis_server.url, "namespace": "itest:", "registry_namespace": "itest:",
+           "model": {"config": "tiny", "seed": 0}}
+    serve.run(build_app(cfg), name=APP, route_prefix="/avatarserve", blocking=False)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        st = serve.status().applications.get(APP)
+        if st is not None and str(st.status).endswith("RUNNING"):
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"app not running: {serve.status().applications.get(APP)}")
+    wait_grpc_healthy(serve_instance.grpc_address, timeout=120)
+    yield serve_instance.grpc_address
+    serve.delete(APP)

@@ -1,0 +1,171 @@
+"""Real-time behaviour of the cluster through the SDK: idle on silence, interrupt, pts, and typed errors."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from avatarserve.v1 import avatar_service_pb2 as pb
+from avatarserve.v1 import avatar_service_pb2_grpc as pbg
+from avatarserve_client import AvatarClient, EventKind, StreamMarker, VideoBlock
+from avatarserve_client.audio import chunk_pcm
+from avatarserve_client.errors import (FailedPrecondition, InvalidArgument, PermissionDenied, SessionNotFound)
+
+from .conftest import APP, png
+
+pytestmark = pytest.mark.integration
+
+
+def _tone(seconds: float) -> np.ndarray:
+    t = np.arange(int(seconds * 16000)) / 16000
+    return (0.4 * np.sin(2 * np.pi * 200 * t) * 32767).astype(np.int16)
+
+
+def test_idle_blocks_without_audio(cluster):
+    with AvatarClient(cluster, application=APP, timeout=120) as client:
+        with client.session(png(3), seed=1, idle_mode="fill_silence", fill_grace_ms=50) as s:
+            got = []
+            for item in s.stream(None, end_of_input=False, include_events=True, timeout=300):
+                if isinstance(item, VideoBlock):
+                    got.append(item)
+                    if len(got) == 3:
+                        s.end_of_input()
+            assert [b.is_idle for b in got] == [True, True, True]
+            assert [b.pts_ms for b in got] == [0, 480, 960]
+            kinds = [e.kind for e in s.events]
+            assert kinds[0] == EventKind.STARTED and EventKind.IDLE in kinds
+            assert kinds[-2:] == [EventKind.DRAINED, EventKind.END_OF_STREAM]
+            # the session can be streamed again after END_OF_STREAM
+            again = list(s.stream([_tone(0.5)], timeout=300))
+            assert len(again) == 2 and not again[0].is_idle
+
+
+def test_interrupt_drops_queued_audio_and_goes_idle(cluster):
+    report = {}
+    with AvatarClient(cluster, application=APP, timeout=120) as client:
+        with client.session(png(4), seed=2, idle_mode="fill_silence", fill_grace_ms=50) as s:
+            speech = _tone(8.0)  # 17 blocks, sent far faster than real time
+            delivered = []
+            sent_interrupt = None
+            for item in s.stream(chunk_pcm(speech, chunk_ms=200), end_of_input=False, include_events=True, timeout=300):
+                if isinstance(item, VideoBlock):
+                    delivered.append(item)
+                    if len(delivered) == 1:
+                        sent_interrupt = time.monotonic()
+                        s.interrupt()
+                    if item.is_idle and sent_interrupt is not None and "idle_after_s" not in report:
+                        report["idle_after_s"] = item.received_at - sent_interrupt
+                        s.end_of_input()
+            events = [e for e in s.events if e.kind == EventKind.INTERRUPTED]
+            assert len(events) == 1
+            resume_pts = events[0].pts_ms
+            after = [b for b in delivered[1:]]
+            assert after, "no block after the interrupt"
+            assert after[0].is_idle, "the first block after INTERRUPT must be idle"
+            assert after[0].pts_ms == resume_pts  # output resumes where the received audio ended
+            # blocks made from discarded audio are never delivered: far fewer than the 17 speech blocks
+            assert sum(not b.is_idle for b in delivered) < 17
+            info = client.get_session(s.handle)
+            assert info.counters.interrupts == 1
+    report["speech_blocks_delivered"] = sum(not b.is_idle for b in delivered)
+    print("INTERRUPT_REPORT", json.dumps(report))
+    assert report["idle_after_s"] < 30
+
+
+def test_video_chunks_carry_audio_pts_and_h264(cluster):
+    with AvatarClient(cluster, application=APP, timeout=120) as client:
+        with client.session(png(5), seed=3, formats=("h264", "jpeg"), idle_mode="wait_for_audio") as s:
+            blocks = list(s.stream(chunk_pcm(_tone(1.5), chunk_ms=40), timeout=300))
+    assert [b.pts_ms for b in blocks] == [0, 480, 960, 1440]
+    assert all(b.h264 and len(b.frames) == 12 and b.duration_ms == 480 for b in blocks)
+
+
+def test_typed_errors(cluster):
+    with AvatarClient(cluster, application=APP, timeout=60) as client:
+        # straight to the server (the SDK would refuse this image before sending it)
+        with grpc.insecure_channel(cluster) as ch:
+            stub = pbg.AvatarServiceStub(ch)
+            corrupt = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+            with pytest.raises(grpc.RpcError) as err:
+                stub.CreateSession(pb.CreateSessionRequest(reference_image=corrupt), metadata=(("application", APP),),
+                                   timeout=60)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "decode" in err.value.details()
+            with pytest.raises(grpc.RpcError) as err:
+                stub.CreateSession(pb.CreateSessionRequest(reference_image=b""), metadata=(("application", APP),),
+                                   timeout=60)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(InvalidArgument, match="serves"):
+            client.create_session(png(6), width=128, height=128)
+        with pytest.raises(SessionNotFound):
+            client.get_session("no-such-session", "x")
+        with client.session(png(6), seed=1, idle_mode="wait_for_audio") as s:
+            with pytest.raises(PermissionDenied):
+                client.get_session(s.session_id, "wrong-token")
+            # straight to the server: malformed audio and protocol errors
+            hello = pb.ClientMessage(hello=pb.Hello(session_id=s.session_id, session_token=s.handle.session_token))
+            cases = [
+                ([hello, pb.ClientMessage(audio=pb.AudioChunk(seq=0, pts_ms=0, pcm=b"\x00\x01\x02"))], "multiple of 2"),
+                ([pb.ClientMessage(audio=pb.AudioChunk(seq=0, pts_ms=0, pcm=b"\x00\x00"))], "Hello"),
+                ([hello, pb.ClientMessage(audio=pb.AudioChunk(seq=1, pts_ms=0, pcm=b"\x00\x00" * 160)),
+                  pb.ClientMessage(audio=pb.AudioChunk(seq=1, pts_ms=10, pcm=b"\x00\x00" * 160))], "seq"),
+                ([hello, pb.ClientMessage(audio=pb.AudioChunk(seq=0, pts_ms=0, pcm=b"\x00\x00" * 32000))], "longer"),
+            ]
+            with grpc.insecure_channel(cluster) as ch:
+                stub = pbg.AvatarServiceStub(ch)
+                for msgs, text in cases:
+                    try:
+                        out = list(stub.StreamSession(iter(msgs), metadata=(("application", APP),), timeout=120))
+                    except grpc.RpcError as exc:
+                        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, (text, exc)
+                        assert text in exc.details()
+                    else:
+                        pytest.fail(f"case {text!r} did not fail; got {out}")
+            # a second stream while one is open
+            opened = threading.Event()
+            release = threading.Event()
+            errors = []
+
+            def first():
+                def audio():
+                    yield _tone(0.2)
+                    opened.set()
+                    release.wait(60)
+                try:
+                    list(s.stream(audio(), timeout=120))
+                except Exception as exc:  # noqa: BLE001
+                    errors.append(exc)
+
+            t = threading.Thread(target=first)
+            t.start()
+            assert opened.wait(60)
+            time.sleep(1.0)
+            other = client.attach(s.handle)
+            with pytest.raises(FailedPrecondition):
+                list(other.stream([_tone(0.1)], timeout=60))
+            release.set()
+            t.join(120)
+            assert not errors
+        # the cluster is still healthy and serves a new session after all of that
+        with client.session(png(7), seed=2, idle_mode="wait_for_audio") as s2:
+            assert len(list(s2.stream([_tone(0.4)], timeout=300))) == 1
+
+
+def test_health_and_reflection(cluster):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(cluster) as ch:
+        md = (("application", APP),)
+        resp = health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service="avatarserve.v1.AvatarService"), metadata=md, timeout=30)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        reqs = iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        services = [s.name for r in stub.ServerReflectionInfo(reqs, timeout=30)
+                    for s in r.list_services_response.service]
+        assert "avatarserve.v1.AvatarService" in services
