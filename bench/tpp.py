@@ -217,6 +217,7 @@ async def run_inproc(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
 def run_ray(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     # A private loopback cluster: token auth (default since Ray 2.59) is disabled on purpose.
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on 127.0.0.1
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from ray import serve

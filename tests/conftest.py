@@ -122,6 +122,8 @@ def ray_cluster() -> Iterator[RayCluster]:
     # loopback-only cluster, so disable it deliberately (inherited by every Ray process).
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Keep every Ray port on 127.0.0.1 (Ray otherwise advertises the host's routable address).
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
 
     num_cpus = 4  # logical CPUs: replicas ask for fractions

@@ -105,6 +105,9 @@ def ray_env() -> Dict[str, str]:
     env = dict(os.environ)
     env.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only local cluster, see module docstring
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray replaces 127.0.0.1 by the host's routable address unless it believes it runs a single-machine
+    # cluster (its Windows/macOS mode); that switch keeps every Ray port on the loopback interface.
+    env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     return env
 
 
