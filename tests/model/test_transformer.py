@@ -197,3 +197,18 @@ def test_resolution_is_free_within_token_budget():
         StreamConfig(height=720, width=1280, max_tokens_per_frame=3000)
     with pytest.raises(ConfigError, match="multiples of 16"):
         StreamConfig(height=100, width=64)
+
+
+def test_bf16_forward_runs_and_tracks_fp32(model):
+    import copy
+
+    sink, ctx, lat, t, aud = _inputs(2, seed=7)
+    m16 = copy.deepcopy(model).to(torch.bfloat16)
+    outs = []
+    for m in (model, m16):
+        cache = m.new_cache(LH, LW, F, 4)
+        m.prefill_sink(cache, sink, ctx)
+        outs.append(_stream(m, cache, sink, ctx, lat, t, aud).float())
+    assert outs[1].dtype == torch.float32 and torch.isfinite(outs[1]).all()
+    rel = (outs[0] - outs[1]).norm() / outs[0].norm()
+    assert rel < 0.05
