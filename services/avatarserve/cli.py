@@ -67,19 +67,19 @@ def _model_info(args: argparse.Namespace) -> int:
 
 
 def _read_wav(path: str, sample_rate: int):
-    from avatarserve_client.audio import read_wav
-
-    pcm = read_wav(path, sample_rate=sample_rate)
+    """Any WAV/FLAC/OGG -> float32 mono PCM in [-1, 1) at `sample_rate` (via the SDK's reader)."""
     import numpy as np
 
-    return pcm.astype(np.float32) / 32768.0 if pcm.dtype == np.int16 else pcm.astype(np.float32)
+    from avatarserve_client.audio import read_wav
+
+    return read_wav(path, sample_rate=sample_rate).astype(np.float32) / 32768.0
 
 
 def _generate(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from avatarserve_client.media import write_mp4
+    from avatarserve_client.media import Mp4Writer
 
     from .engine.bundle import build_bundle
     from .engine.pipeline import SequentialPipeline
@@ -94,21 +94,24 @@ def _generate(args: argparse.Namespace) -> int:
     pipe = SequentialPipeline(bundle)
     with open(args.image, "rb") as fh:
         image = fh.read()
+    pcm16 = (audio * 32768.0).round().clip(-32768, 32767).astype(np.int16)
     t1 = time.perf_counter()
-    blocks = []
+    blocks = 0
+    n = 0
     ttff = None
-    for blk in pipe.stream_blocks(image, (audio[i:i + 3200] for i in range(0, len(audio), 3200)),
-                                  prompt=args.prompt, seed=args.seed):
-        if ttff is None:
-            ttff = time.perf_counter() - t1
-        blocks.append(blk)
+    frame_ms = 1000.0 / st.fps
+    # Frames are written as they are generated, so memory stays flat for long inputs.
+    with Mp4Writer(args.out, fps=st.fps, sample_rate=st.sample_rate, audio_pcm=pcm16) as writer:
+        for blk in pipe.stream_blocks(image, (audio[i:i + 3200] for i in range(0, len(audio), 3200)),
+                                      prompt=args.prompt, seed=args.seed):
+            if ttff is None:
+                ttff = time.perf_counter() - t1
+            writer.add_frames(list(blk.frames), [blk.pts_ms + i * frame_ms for i in range(len(blk.frames))])
+            blocks += 1
+            n += len(blk.frames)
     gen_s = time.perf_counter() - t1
-    frames = [f for b in blocks for f in b.frames]
-    write_mp4(args.out, frames, (audio * 32767).clip(-32768, 32767).astype(np.int16), fps=st.fps,
-              sample_rate=st.sample_rate)
-    n = len(frames)
     print(json.dumps({
-        "out": args.out, "config": args.config, "blocks": len(blocks), "frames": n, "fps": st.fps,
+        "out": args.out, "config": args.config, "blocks": blocks, "frames": n, "fps": st.fps,
         "video_seconds": n / st.fps, "audio_seconds": len(audio) / st.sample_rate,
         "generation_seconds": round(gen_s, 3), "generated_fps": round(n / gen_s, 2) if gen_s else None,
         "realtime_factor": round((n / st.fps) / gen_s, 3) if gen_s else None,
@@ -165,7 +168,31 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         return int(run_stream(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except Exception as exc:  # typed errors of every layer end as one readable line, not a traceback
+        if not _is_user_error(exc):
+            raise
+        print(f"avatarserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    from .engine.errors import EngineError
+    from .model.checkpoint import CheckpointError
+    from .model.config import ConfigError
+    from .model.transformer import ModelInputError
+
+    from avatarserve_client.errors import AvatarServeError
+
+    known: tuple = (EngineError, CheckpointError, ConfigError, ModelInputError, FileNotFoundError, AvatarServeError)
+    try:
+        from .serve.launcher import LauncherError
+
+        known += (LauncherError,)
+    except ImportError:  # serving extras missing: the model CLI still works
+        pass
+    return isinstance(exc, known)
 
 
 if __name__ == "__main__":

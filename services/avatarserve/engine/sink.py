@@ -106,7 +106,10 @@ def load_image(data: bytes | str | Image.Image | np.ndarray) -> Image.Image:
     except InvalidInput:
         raise
     except Exception as exc:  # PIL raises many types for corrupt data
-        raise InvalidInput(f"cannot decode reference image: {exc}") from exc
+        from PIL import UnidentifiedImageError
+
+        why = "not a PNG or JPEG image" if isinstance(exc, UnidentifiedImageError) else f"{type(exc).__name__}: {exc}"
+        raise InvalidInput(f"cannot decode reference image: {why}") from exc
 
 
 def image_to_tensor(img: Image.Image, height: int, width: int) -> torch.Tensor:
