@@ -62,9 +62,10 @@ def build_bundle(
 
         from ..model.checkpoint import read_model_config
 
-        model_config = read_model_config(checkpoint)
+        # load_bundle_components validates the whole folder first and lists every missing part at once.
         transformer, vae, audio, text = load_bundle_components(preset, checkpoint, device=device, dtype=dtype,
                                                                components=components)
+        model_config = transformer.config if transformer is not None else read_model_config(checkpoint)
     else:
         if preset.name == "liveavatar-14b":
             raise ValueError("liveavatar-14b needs --checkpoint DIR (a local Wan2.2-S2V-14B folder)")
