@@ -3,7 +3,8 @@
 - `redis_server` (session): a real `redis-server` on a free loopback port, no persistence.
 - `redis_namespace` (function): a unique key prefix; its keys are deleted after the test.
 - `ray_cluster` (session): one local Ray cluster per test session (auth disabled on purpose,
-  dashboard off, dynamic ports); shut down at the end.
+  dashboard off, dynamic ports, metrics exported on `metrics_export_port` every second); shut
+  down at the end.
 - `serve_instance` (session): Ray Serve started on `ray_cluster` with one HTTP proxy on a free
   loopback port and no gRPC proxy (extend `SERVE_GRPC_SERVICER_FUNCTIONS` to get one).
 - `synthetic_chain` (function): async factory of in-process StageHosts running SyntheticStage.
@@ -114,6 +115,7 @@ def redis_namespace(redis_server: RedisServer) -> Iterator[str]:
 class RayCluster:
     address: str
     num_cpus: int
+    metrics_export_port: int = 0  # Prometheus exposition of Ray's metrics agent: http://127.0.0.1:<port>/metrics
 
 
 @pytest.fixture(scope="session")
@@ -124,18 +126,23 @@ def ray_cluster() -> Iterator[RayCluster]:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Keep every Ray port on 127.0.0.1 (Ray otherwise advertises the host's routable address).
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    # Replicas push their metrics to the node's agent every second (Ray's default is 10 s), so metric tests see
+    # fresh values quickly.
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
     import ray
 
     num_cpus = 4  # logical CPUs: replicas ask for fractions
+    metrics_port = free_port()
     ctx = ray.init(
         num_cpus=num_cpus,
         include_dashboard=False,
         object_store_memory=150 * 1024 * 1024,
         log_to_driver=False,
         namespace=f"avatarserve-tests-{uuid.uuid4().hex[:6]}",
+        _metrics_export_port=metrics_port,
     )
     try:
-        yield RayCluster(address=ctx.address_info["gcs_address"], num_cpus=num_cpus)
+        yield RayCluster(address=ctx.address_info["gcs_address"], num_cpus=num_cpus, metrics_export_port=metrics_port)
     finally:
         try:
             from ray import serve

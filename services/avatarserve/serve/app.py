@@ -1,23 +1,54 @@
 """Typed app config -> Ray Serve application: Gateway (ingress) + AudioEncoder + DenoiseStage0..N-1 + VaeDecoder
 + SinkFrameCache. Stage replicas are `StageReplica`s (serve/pipeline_app.py) running the engine handlers
 (serve/handlers.py) behind their own gRPC data plane.
+
+Deployment paths:
+- `serve.run(build_app(cfg))`: imperative; fixed replica counts (or, with `autoscaling.enabled`, a per-deployment
+  fallback policy that sees only its own sessions).
+- `deploy(cfg)`: declarative (`ServeDeploySchema`), the only path through which Ray Serve 2.60 attaches an
+  application-level `autoscaling_policy` (`serve.run` has no such parameter). The launcher and the autoscaling tests
+  use it. Caveat of that path: applying a config replaces every application deployed declaratively before.
+
+The ops dashboard (serve/dashboard.py) is a deployment of the same application, reached over HTTP through the
+Gateway's `__call__` at `{route_prefix}/ops/` (`ops.enabled`, default on). It is not a second application on purpose:
+with two applications, gRPC clients would have to send `application` metadata on every call.
+
+Autoscaling config (`cfg["autoscaling"]`, see deploy/local.yaml): `enabled`, per-role `min_replicas`/`max_replicas`/
+`initial_replicas` (roles: audio, denoise, vae), the policy's `headroom_fraction`, `headroom_sessions`, `hysteresis`,
+`downscale_stable_s`, `scale_to_zero`, `scale_to_zero_after_s`, and Serve's metric cadence `metrics_interval_s` /
+`look_back_period_s`. Per-replica session capacity per role is `cfg["capacity"]`. `drain_timeout_s` is how long a
+stopping stage replica waits for its live sessions; the stage deployments' `graceful_shutdown_timeout_s` is derived
+from it (a session longer than that is cut on scale-down: size it to the longest session you promise).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping
 
 from ray import serve
-from ray.serve.config import gRPCOptions, HTTPOptions
+from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, gRPCOptions, HTTPOptions
 
 from ..model.config import get_preset
+from .dashboard import OpsDashboard
 from .gateway import Gateway
-from .pipeline_app import PipelineAppConfig, StageReplica, StageSpec
+from .pipeline_app import PipelineAppConfig, StageReplica, StageSpec, shutdown_budget_s
 
 AVATAR_SERVICER = "avatarserve.v1.avatar_service_pb2_grpc.add_AvatarServiceServicer_to_server"
 HEALTH_SERVICER = "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"
 HANDLERS = "avatarserve.serve.handlers"
+
+POLICY_PATH = "avatarserve.serve.autoscale:SessionAutoscalingPolicy"
+FALLBACK_POLICY_PATH = "avatarserve.serve.autoscale:DeploymentSessionPolicy"
+APP_BUILDER = "avatarserve.serve.app:build_app"
+ROLES = ("audio", "denoise", "vae")
+
+
+class AppConfigError(ValueError):
+    """Invalid application config."""
+
 
 DEFAULT_RESOURCES = {  # local CPU config: fractional CPUs, no GPU
     "gateway": {"num_cpus": 0.1},
@@ -80,8 +111,57 @@ def _stage_config(base: Dict[str, Any], name: str, **extra: Any) -> Dict[str, An
     return cfg
 
 
-def build_app(cfg: Mapping[str, Any]):
-    cfg = dict(cfg)
+@dataclass(frozen=True)
+class AutoscalingSettings:
+    enabled: bool = False
+    min_replicas: Dict[str, int] = field(default_factory=dict)  # role -> n
+    max_replicas: Dict[str, int] = field(default_factory=dict)
+    initial_replicas: Dict[str, int] = field(default_factory=dict)
+    headroom_fraction: float = 0.2
+    headroom_sessions: int = 1
+    hysteresis: float = 0.2
+    downscale_stable_s: float = 30.0
+    scale_to_zero: bool = False
+    scale_to_zero_after_s: float = 300.0
+    metrics_interval_s: float = 1.0
+    look_back_period_s: float = 5.0
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "AutoscalingSettings":
+        a = dict(cfg.get("autoscaling") or {})
+        unknown = set(a) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise AppConfigError(f"unknown autoscaling keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        fixed = cfg.get("replicas") or {}
+        for key in ("min_replicas", "max_replicas", "initial_replicas"):
+            bad = set(a.get(key) or {}) - set(ROLES)
+            if bad:
+                raise AppConfigError(f"autoscaling.{key}: unknown roles {sorted(bad)}; roles are {list(ROLES)}")
+        st = cls(**{**a, **{k: {r: int(v) for r, v in (a.get(k) or {}).items()}
+                            for k in ("min_replicas", "max_replicas", "initial_replicas")}})
+        for role in ROLES:
+            lo, hi = st.min_of(role, fixed), st.max_of(role, fixed)
+            if lo < 0 or hi < 1 or lo > hi:
+                raise AppConfigError(f"autoscaling {role}: need 0 <= min_replicas ({lo}) <= max_replicas ({hi}), max >= 1")
+            if lo == 0 and st.enabled and not st.scale_to_zero:
+                raise AppConfigError(f"autoscaling {role}: min_replicas 0 needs scale_to_zero: true")
+        if st.look_back_period_s <= st.metrics_interval_s:
+            raise AppConfigError(f"autoscaling: look_back_period_s ({st.look_back_period_s}) must exceed "
+                                 f"metrics_interval_s ({st.metrics_interval_s})")
+        return st
+
+    def min_of(self, role: str, fixed: Mapping[str, Any]) -> int:
+        return int(self.min_replicas.get(role, fixed.get(role, 1)))
+
+    def max_of(self, role: str, fixed: Mapping[str, Any]) -> int:
+        return int(self.max_replicas.get(role, max(self.min_of(role, fixed), int(fixed.get(role, 1)))))
+
+    def initial_of(self, role: str, fixed: Mapping[str, Any]) -> int:
+        return int(self.initial_replicas.get(role, max(1, self.min_of(role, fixed))))
+
+
+def _plan(cfg: Mapping[str, Any]) -> tuple:
+    """Stage specs (with roles) and shared settings derived from the config."""
     model = dict(cfg.get("model") or {"config": "tiny"})
     preset = get_preset(model.get("config", "tiny"))
     stream = preset.stream.replace(**(model.get("stream_overrides") or {}))
@@ -92,49 +172,165 @@ def build_app(cfg: Mapping[str, Any]):
     capacity = cfg.get("capacity") or {}
     base = {"model": model, "redis_url": redis_url, "namespace": namespace,
             "torch_threads": int(cfg.get("torch_threads", 1))}
+    specs: List[tuple] = []
 
-    specs: List[StageSpec] = []
-
-    def spec(dep: str, role: str, factory: str, **extra: Any) -> StageSpec:
+    def spec(dep: str, role: str, factory: str, **extra: Any) -> tuple:
         r = resources[role]
-        return StageSpec(deployment=dep, handler=f"{HANDLERS}:{factory}", handler_config=_stage_config(base, dep, **extra),
-                         num_replicas=int(replicas.get(role, 1)), num_cpus=float(r.get("num_cpus", 0.1)),
-                         num_gpus=float(r.get("num_gpus", 0)), capacity=int(capacity.get(role, 8)),
-                         queue_size=int(cfg.get("queue_size", 2)))
+        return role, StageSpec(deployment=dep, handler=f"{HANDLERS}:{factory}", handler_config=_stage_config(base, dep, **extra),
+                               num_replicas=int(replicas.get(role, 1)), num_cpus=float(r.get("num_cpus", 0.1)),
+                               num_gpus=float(r.get("num_gpus", 0)), capacity=int(capacity.get(role, 8)),
+                               queue_size=int(cfg.get("queue_size", 2)))
 
     specs.append(spec("AudioEncoder", "audio", "audio_encoder"))
     for k in range(stream.num_steps):
         specs.append(spec(f"DenoiseStage{k}", "denoise", "denoise_stage", step=k))
     specs.append(spec("VaeDecoder", "vae", "vae_decoder"))
-    pipeline = PipelineAppConfig(stages=specs, redis_url=redis_url, namespace=cfg.get("registry_namespace", ""))
+    return model, stream, resources, specs
+
+
+def policy_kwargs(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """`policy_kwargs` of the application-level autoscaling policy for this config (JSON-serializable)."""
+    st = AutoscalingSettings.from_config(cfg)
+    _, _, _, specs = _plan(cfg)
+    return {"capacity": {s.deployment: s.capacity for _, s in specs}, "headroom_fraction": st.headroom_fraction,
+            "headroom_sessions": st.headroom_sessions, "hysteresis": st.hysteresis,
+            "downscale_stable_s": st.downscale_stable_s, "scale_to_zero": st.scale_to_zero,
+            "scale_to_zero_after_s": st.scale_to_zero_after_s, "gateway": "Gateway"}
+
+
+def build_app(cfg: Mapping[str, Any]):
+    cfg = dict(cfg)
+    model, stream, resources, role_specs = _plan(cfg)
+    redis_url = cfg["redis_url"]
+    namespace = cfg.get("namespace", "avatarserve:")
+    replicas = cfg.get("replicas") or {}
+    auto = AutoscalingSettings.from_config(cfg)
+    drain_timeout_s = float(cfg.get("drain_timeout_s", 60))
+    specs = [s for _, s in role_specs]
+    pipeline = PipelineAppConfig(stages=specs, redis_url=redis_url, namespace=cfg.get("registry_namespace", ""),
+                                 heartbeat_s=float(cfg.get("heartbeat_s", 1.0)), ttl_s=float(cfg.get("registry_ttl_s", 5.0)),
+                                 drain_timeout_s=drain_timeout_s,
+                                 reservation_ttl_s=float(cfg.get("reservation_ttl_s", 60.0)))
     common = pipeline.common()
+    fallback = policy_kwargs(cfg) if auto.enabled else None
+
+    def scaling(min_r: int, max_r: int, initial: int) -> AutoscalingConfig:
+        # Delays 0: the session policy owns the timing (immediate upscale, its own stable window for downscale).
+        return AutoscalingConfig(
+            min_replicas=min_r, max_replicas=max_r, initial_replicas=initial, upscale_delay_s=0.0,
+            downscale_delay_s=0.0, downscale_to_zero_delay_s=0.0, metrics_interval_s=auto.metrics_interval_s,
+            look_back_period_s=auto.look_back_period_s, aggregation_function="max",
+            policy=AutoscalingPolicy(policy_function=FALLBACK_POLICY_PATH, policy_kwargs=fallback))
 
     bound = {}
-    for s in specs:
-        cls = VaeDecoderReplica if s.deployment == "VaeDecoder" else StageReplica
-        dep = serve.deployment(cls).options(
-            name=s.deployment, num_replicas=s.num_replicas,
-            ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
-            graceful_shutdown_timeout_s=float(cfg.get("graceful_shutdown_timeout_s", 60)),
+    for role, s in role_specs:
+        options: Dict[str, Any] = dict(
+            name=s.deployment, ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
+            graceful_shutdown_timeout_s=float(cfg.get("graceful_shutdown_timeout_s", shutdown_budget_s(drain_timeout_s))),
             health_check_period_s=5)
-        bound[s.deployment] = dep.bind(s.to_dict(), common)
+        if auto.enabled:
+            options.update(num_replicas="auto", autoscaling_config=scaling(
+                auto.min_of(role, replicas), auto.max_of(role, replicas), auto.initial_of(role, replicas)))
+        else:
+            options.update(num_replicas=s.num_replicas)
+        cls = VaeDecoderReplica if s.deployment == "VaeDecoder" else StageReplica
+        bound[s.deployment] = serve.deployment(cls).options(**options).bind(s.to_dict(), common)
     cache = serve.deployment(SinkFrameCache).options(
         name="SinkFrameCache", num_replicas=1, ray_actor_options=dict(resources["cache"])).bind(redis_url, namespace)
+    max_replicas = {s.deployment: (auto.max_of(role, replicas) if auto.enabled else s.num_replicas) for role, s in role_specs}
+    min_replicas = {s.deployment: (auto.min_of(role, replicas) if auto.enabled else s.num_replicas) for role, s in role_specs}
     gw_cfg = {"model": model, "redis_url": redis_url, "namespace": namespace,
               "registry_namespace": cfg.get("registry_namespace", ""), "deployments": [s.deployment for s in specs],
               "max_in_flight": int(cfg.get("max_in_flight", len(specs) + 2)),
-              "queue_size": int(cfg.get("queue_size", 2)), "retry_after_ms": int(cfg.get("retry_after_ms", 2000))}
-    gateway = serve.deployment(GatewayDeployment).options(
-        name="Gateway", num_replicas=int(replicas.get("gateway", 1)),
-        ray_actor_options=dict(resources["gateway"]), max_ongoing_requests=int(cfg.get("gateway_max_ongoing", 256)))
+              "queue_size": int(cfg.get("queue_size", 2)), "retry_after_ms": int(cfg.get("retry_after_ms", 2000)),
+              "autoscaling": auto.enabled, "max_replicas": max_replicas, "min_replicas": min_replicas,
+              "admission_wait_s": float(cfg.get("admission_wait_s", 10.0)),
+              "reservation_ttl_s": float(cfg.get("reservation_ttl_s", 60.0)),
+              "late_after_s": float(cfg.get("late_after_s", 3.0)), "fps_window_s": float(cfg.get("fps_window_s", 5.0)),
+              "fps_sample_s": float(cfg.get("fps_sample_s", 1.0))}
+    n_gw = int(replicas.get("gateway", 1))
+    gw_options: Dict[str, Any] = dict(
+        name="Gateway", ray_actor_options=dict(resources["gateway"]), max_ongoing_requests=int(cfg.get("gateway_max_ongoing", 256)),
+        # A gateway replica carries whole streams: let them end before it goes away.
+        graceful_shutdown_timeout_s=float(cfg.get("graceful_shutdown_timeout_s", shutdown_budget_s(drain_timeout_s))))
+    if auto.enabled:
+        # Fixed size (the policy leaves it alone), but autoscaling-enabled so that Serve collects its custom metric
+        # (waiting_sessions), which the application-level policy reads.
+        gw_options.update(num_replicas="auto", autoscaling_config=AutoscalingConfig(
+            min_replicas=n_gw, max_replicas=n_gw, initial_replicas=n_gw, metrics_interval_s=auto.metrics_interval_s,
+            look_back_period_s=auto.look_back_period_s, upscale_delay_s=0.0, downscale_delay_s=0.0))
+    else:
+        gw_options.update(num_replicas=n_gw)
+    gateway = serve.deployment(GatewayDeployment).options(**gw_options)
     others = [bound[s.deployment] for s in specs if s.deployment != "VaeDecoder"]
-    return gateway.bind(gw_cfg, bound["VaeDecoder"], cache, *others)
+    ops_cfg = dict(cfg.get("ops") or {})
+    ops = None
+    if ops_cfg.pop("enabled", True):
+        ops_cfg.setdefault("fps", stream.fps)
+        ops = serve.deployment(OpsDashboard).options(
+            name="OpsDashboard", num_replicas=1,
+            ray_actor_options={"num_cpus": float(ops_cfg.pop("num_cpus", 0.05))}).bind(ops_cfg)
+    return gateway.bind(gw_cfg, bound["VaeDecoder"], cache, *others, ops=ops)
+
+
+def serve_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """Declarative Serve config (`ServeDeploySchema` as a dict) for this app config, with the application-level
+    autoscaling policy when autoscaling is enabled."""
+    cfg = dict(cfg)
+    name = cfg.get("name", "avatarserve")
+    args = {k: v for k, v in cfg.items() if k not in ("name", "route_prefix", "startup_timeout_s")}
+    app: Dict[str, Any] = {"name": name, "route_prefix": cfg.get("route_prefix", "/avatarserve"),
+                           "import_path": APP_BUILDER, "args": args}
+    if AutoscalingSettings.from_config(cfg).enabled:
+        app["autoscaling_policy"] = {"policy_function": POLICY_PATH, "policy_kwargs": policy_kwargs(cfg)}
+    return {"applications": [app]}
+
+
+def deploy(cfg: Mapping[str, Any], *, timeout_s: float = 300.0) -> Dict[str, Any]:
+    """Deploy `serve_config(cfg)` on the running Serve instance (started with `serve.start`) and wait until every
+    application is RUNNING. Returns the config that was applied."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    config = serve_config(cfg)
+    schema = ServeDeploySchema.model_validate(config)
+    # The public entry points of the declarative path are the CLI and the dashboard REST API (`serve deploy`); both
+    # end in this controller call, which we make directly so that tests and the launcher need no dashboard.
+    _get_global_client().deploy_apps(schema)
+    names = [a["name"] for a in config["applications"]]
+    deadline = time.time() + timeout_s
+    last: Dict[str, Any] = {}
+    while time.time() < deadline:
+        apps = serve.status().applications
+        last = {n: (str(apps[n].status) if n in apps else "MISSING") for n in names}
+        failed = [n for n in names if n in apps and str(apps[n].status).endswith("DEPLOY_FAILED")]
+        if failed:
+            raise AppConfigError(f"Serve application(s) {failed} failed to deploy: "
+                                 + "; ".join(str(apps[n].message) for n in failed))
+        if all(v.endswith("RUNNING") for v in last.values()):
+            return config
+        time.sleep(0.5)
+    raise TimeoutError(f"Serve applications not RUNNING after {timeout_s:.0f} s: {last}")
 
 
 class GatewayDeployment(Gateway):
     """Gateway as the Serve ingress; the extra handles are bound only so Serve deploys the whole graph."""
 
-    def __init__(self, config: Mapping[str, Any], vae_handle: Any, cache_handle: Any, *stage_handles: Any):
+    def __init__(self, config: Mapping[str, Any], vae_handle: Any, cache_handle: Any, *stage_handles: Any,
+                 ops: Any = None):
         super().__init__(config, vae_handle)
         self.cache = cache_handle
         self.stage_handles = stage_handles
+        self.ops = ops
+
+    async def __call__(self, request: Any) -> Any:
+        """HTTP on the application's route prefix: the ops dashboard under `{route_prefix}/ops/`."""
+        from starlette.responses import PlainTextResponse, Response
+
+        path = request.url.path
+        at = path.find("/ops")
+        if self.ops is None or at < 0 or path[at + 4:at + 5] not in ("", "/"):
+            return PlainTextResponse("not found: the ops dashboard is at <route_prefix>/ops/ (when ops.enabled)",
+                                     status_code=404)
+        status, media_type, body = await self.ops.handle.remote(path[at + 4:])
+        return Response(body, status_code=status, media_type=media_type)

@@ -5,6 +5,21 @@ encode the reference image and prompt (a Serve handle call: stateless, any repli
 sink-frame cache (Redis), pins the session to the least-loaded replica of every stage (replica registry), and for
 each StreamSession opens ONE per-session gRPC pipe through those replicas (data plane) driven by a
 `StreamController`.
+
+Admission. CreateSession reserves a slot on one replica of every stage in one atomic step (serve/registry.py). When a
+stage has no free slot: if the deployment can still grow (autoscaling on and fewer live replicas than its
+`max_replicas`), the call is parked for up to `admission_wait_s` and counted in `waiting_sessions`, which the
+application-level autoscaling policy adds to the demand (serve/autoscale.py), so the surge itself brings the capacity;
+otherwise (or when the wait runs out) it fails fast with RESOURCE_EXHAUSTED and a `retry-after-ms` trailing-metadata
+hint. Admitted sessions keep their slots until their stream opens (then they count as live) or they close.
+
+A new stream re-validates the recorded route: a hop whose replica is gone (crashed, or stopped by a scale-down) or
+full is re-placed on another replica (the pipeline state is rebuilt per stream from the sink-frame cache, so an idle
+session moves freely; a streaming session never moves: a stopping replica drains it, see pipeline_app.py).
+
+Metrics (serve/metrics.py): lifecycle and admission counters, time to first frame, per-session FPS / real-time factor
+sampled every `fps_sample_s`, delivery lag, late and dropped frames, interrupt-to-idle, A/V skew, per-hop transport and
+queueing latency from the HopStamps of every block.
 """
 
 from __future__ import annotations
@@ -23,6 +38,8 @@ from grpc_health.v1 import health_pb2
 from avatarserve.v1 import avatar_service_pb2 as pb
 
 from ..model.config import ConfigError, get_preset
+from .autoscale import WAITING_SESSIONS_METRIC
+from .metrics import GatewayMetrics, SessionMeter
 from .registry import NoReplicaAvailableError, ReplicaRegistry, RouteHop
 from .sink_store import SinkFrameStore, sink_from_bytes
 from .stream_controller import StreamAbort, StreamController, StreamSettings
@@ -71,19 +88,69 @@ class Gateway:
         self.max_in_flight = int(self.config.get("max_in_flight", len(self.deployments) + 2))
         self.retry_after_ms = int(self.config.get("retry_after_ms", 2000))
         self.session_ttl_s = float(self.config.get("session_ttl_s", 3600))
+        self.reservation_ttl_s = float(self.config.get("reservation_ttl_s", 60))
+        # Admission: parking a CreateSession only makes sense while the cluster can still grow.
+        self.autoscaling = bool(self.config.get("autoscaling", False))
+        self.max_replicas: Dict[str, int] = {k: int(v) for k, v in (self.config.get("max_replicas") or {}).items()}
+        self.min_replicas: Dict[str, int] = {k: int(v) for k, v in (self.config.get("min_replicas") or {}).items()}
+        self.admission_wait_s = float(self.config.get("admission_wait_s", 10.0))
+        self.admission_poll_s = float(self.config.get("admission_poll_s", 0.1))
+        # Quality of service: a frame is late when delivered more than this after the end of its audio span.
+        self.late_after_s = float(self.config.get("late_after_s", 3.0))
+        self.fps_window_s = float(self.config.get("fps_window_s", 5.0))
+        self.fps_sample_s = float(self.config.get("fps_sample_s", 1.0))
         self._loop_state: Dict[int, tuple] = {}
+        self._samplers: Dict[int, asyncio.Task] = {}
+        self._streams: Dict[str, tuple] = {}  # session id -> (StreamController, SessionMeter)
+        self._waiting = 0
         self.replica_id = uuid.uuid4().hex[:8]
+        self.metrics = GatewayMetrics() if _in_serve_replica() else None
 
     # ----- per-event-loop clients (redis.asyncio and grpc.aio bind to the loop that uses them) ---------------
     def _clients(self):
         loop = asyncio.get_running_loop()
         st = self._loop_state.get(id(loop))
         if st is None:
-            st = (ReplicaRegistry.from_url(self.redis_url, namespace=self.registry_namespace),
+            st = (ReplicaRegistry.from_url(self.redis_url, namespace=self.registry_namespace,
+                                           reservation_ttl_s=self.reservation_ttl_s),
                   SinkFrameStore.from_url(self.redis_url, namespace=self.store_namespace, ttl_s=self.session_ttl_s),
                   PipelineClient(TransportOptions(queue_size=int(self.config.get("queue_size", 2)))))
             self._loop_state[id(loop)] = st
+            if self.metrics is not None:
+                self._samplers[id(loop)] = loop.create_task(self._sample_streams(), name="gateway-stream-sampler")
         return st
+
+    # ----- autoscaling signal and metrics ---------------------------------------------------------------------
+    def record_autoscaling_stats(self) -> Dict[str, float]:
+        """Custom autoscaling metric: CreateSession calls parked for lack of a free slot (serve/autoscale.py)."""
+        return {WAITING_SESSIONS_METRIC: float(self._waiting)}
+
+    async def _sample_streams(self) -> None:
+        """Every `fps_sample_s`: per-session FPS / real-time factor, and the gateway's queue gauges."""
+        m = self.metrics
+        while True:
+            await asyncio.sleep(self.fps_sample_s)
+            try:
+                in_flight = buffered = 0.0
+                for ctl, meter in list(self._streams.values()):
+                    in_flight += len(ctl.in_flight)
+                    buffered += ctl.buffered_seconds
+                    sample = meter.sample()
+                    if sample is not None:
+                        gen, dlv, rtf = sample
+                        m.observe("avatarserve_session_generated_fps", gen)
+                        m.observe("avatarserve_session_delivered_fps", dlv)
+                        m.observe("avatarserve_session_realtime_factor", rtf)
+                m.set("avatarserve_active_streams", len(self._streams))
+                m.set("avatarserve_gateway_blocks_in_flight", in_flight)
+                m.set("avatarserve_gateway_audio_buffered_seconds", buffered)
+                m.set("avatarserve_admission_waiting", self._waiting)
+            except Exception as exc:  # noqa: BLE001 - never let metrics kill the sampler
+                log.warning("stream sampler: %s", exc)
+
+    def _count(self, name: str, **tags: str) -> None:
+        if self.metrics is not None:
+            self.metrics.inc(name, **tags)
 
     def _geometry(self) -> pb.SessionGeometry:
         st = self.stream
@@ -98,7 +165,8 @@ class Gateway:
         registry, store, _ = self._clients()
         try:
             for dep in self.deployments:
-                if not await registry.replicas(dep):
+                # A stage scaled to zero is healthy: a session brings a replica back (admission parks meanwhile).
+                if not await registry.replicas(dep) and not (self.autoscaling and self.min_replicas.get(dep, 1) == 0):
                     return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
         except Exception:  # noqa: BLE001 - Redis down means not serving
             return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -150,10 +218,54 @@ class Gateway:
 
     async def CreateSession(self, request: pb.CreateSessionRequest, grpc_context=None) -> pb.CreateSessionResponse:
         try:
-            return await self._create(request)
+            resp = await self._create(request)
         except _Abort as err:
+            self._count("avatarserve_session_creates", code=err.code.name)
             _apply(grpc_context, err)
             return pb.CreateSessionResponse()
+        except Exception:
+            self._count("avatarserve_session_creates", code="INTERNAL")
+            raise
+        self._count("avatarserve_session_creates", code="OK")
+        return resp
+
+    def _can_grow(self, exc: NoReplicaAvailableError) -> bool:
+        """May capacity still appear on every deployment that is full? (autoscaling on and each below its max)."""
+        if not self.autoscaling:
+            return False
+        return all(self.max_replicas.get(dep) is None or registered < self.max_replicas[dep]
+                   for dep, registered in exc.full.items())
+
+    async def _admit(self, place):
+        """Run `place()` (a registry reservation) until it succeeds; park while the cluster can grow, else refuse."""
+        started = time.monotonic()
+        deadline = started + self.admission_wait_s
+        parked = False
+        try:
+            while True:
+                try:
+                    result = await place()
+                    if self.metrics is not None:
+                        self.metrics.observe("avatarserve_admission_wait_seconds", time.monotonic() - started,
+                                             outcome="admitted")
+                    return result
+                except NoReplicaAvailableError as exc:
+                    if not self._can_grow(exc) or time.monotonic() >= deadline:
+                        if self.metrics is not None:
+                            self.metrics.observe("avatarserve_admission_wait_seconds", time.monotonic() - started,
+                                                 outcome="refused")
+                        why = "at its maximum size" if not self._can_grow(exc) else \
+                            f"still full after waiting {self.admission_wait_s:g} s for it to grow"
+                        raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                     f"no capacity for a new session: {exc}; the cluster is {why}",
+                                     {"retry-after-ms": str(self.retry_after_ms)}) from exc
+                    if not parked:
+                        parked = True
+                        self._waiting += 1
+                    await asyncio.sleep(self.admission_poll_s)
+        finally:
+            if parked:
+                self._waiting -= 1
 
     async def _create(self, request: pb.CreateSessionRequest) -> pb.CreateSessionResponse:
         if not request.reference_image:
@@ -163,27 +275,25 @@ class Gateway:
                          f"reference_image is {len(request.reference_image)} bytes; the limit is {MAX_IMAGE_BYTES}")
         opts = self._effective_options(request)
         registry, store, _ = self._clients()
-        # Admission: reserve a slot on every stage first (fail fast, before any model work).
-        hops: List[RouteHop] = []
-        try:
-            for dep in self.deployments:
-                info = await registry.pick_least_loaded(dep, reserve=True)
-                hops.append(RouteHop(deployment=dep, replica_id=info.replica_id, address=info.address))
-        except NoReplicaAvailableError as exc:
-            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no capacity for a new session: {exc}",
-                         {"retry-after-ms": str(self.retry_after_ms)}) from exc
-        try:
-            blob = await self.vae.prepare_session.remote(bytes(request.reference_image), request.prompt, opts["seed"])
-        except Exception as exc:  # noqa: BLE001 - the image/prompt could not be turned into a sink
-            msg = str(exc)
-            if "InvalidInput" in msg or "cannot decode" in msg or "PromptError" in msg:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, _last_line(msg)) from exc
-            raise _Abort(grpc.StatusCode.UNAVAILABLE, f"session preparation failed: {_last_line(msg)}") from exc
         sid = uuid.uuid4().hex
-        sink = sink_from_bytes(blob)
-        token = await store.create_session(sid, sink, width=opts["width"], height=opts["height"])
-        await store.r.hset(store._k("session", sid), "options", json.dumps(opts))
-        await registry.record_route(sid, hops, ttl_s=self.session_ttl_s)
+        # Admission: reserve a slot on every stage first (fail fast, before any model work).
+        hops: List[RouteHop] = await self._admit(lambda: registry.reserve_route(self.deployments, sid))
+        try:
+            try:
+                blob = await self.vae.prepare_session.remote(bytes(request.reference_image), request.prompt,
+                                                             opts["seed"])
+            except Exception as exc:  # noqa: BLE001 - the image/prompt could not be turned into a sink
+                msg = str(exc)
+                if "InvalidInput" in msg or "cannot decode" in msg or "PromptError" in msg:
+                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, _last_line(msg)) from exc
+                raise _Abort(grpc.StatusCode.UNAVAILABLE, f"session preparation failed: {_last_line(msg)}") from exc
+            sink = sink_from_bytes(blob)
+            token = await store.create_session(sid, sink, width=opts["width"], height=opts["height"])
+            await store.r.hset(store._k("session", sid), "options", json.dumps(opts))
+            await registry.record_route(sid, hops, ttl_s=self.session_ttl_s)
+        except BaseException:
+            await registry.release(sid, hops)  # the slots go back at once, not when the reservations expire
+            raise
         return pb.CreateSessionResponse(session_id=sid, session_token=token, geometry=self._geometry(),
                                         effective_options=self._options_proto(opts))
 
@@ -221,6 +331,7 @@ class Gateway:
             return pb.CloseSessionResponse()
         registry, store, _ = self._clients()
         await self._release_route(request.session_id)
+        self._count("avatarserve_session_closes")
         await store.set_state(request.session_id, "CLOSED")
         await store.delete_session(request.session_id)
         c = rec.counters
@@ -231,7 +342,30 @@ class Gateway:
 
     async def _release_route(self, sid: str) -> None:
         registry, _, _ = self._clients()
+        route = await registry.get_route(sid)
+        if route:
+            await registry.release(sid, route)
         await registry.remove_route(sid)
+
+    async def _place_route(self, sid: str, route: List[RouteHop]) -> List[RouteHop]:
+        """Keep this session's slot on every hop of its recorded route that still stands; re-place the others."""
+        registry, _, _ = self._clients()
+        check = await registry.reserve_route_hops(sid, route)
+        bad = {(h.deployment, h.replica_id) for h in check.gone + check.full}
+        if not bad:
+            return route
+        new_route: List[RouteHop] = []
+        for hop in route:
+            if (hop.deployment, hop.replica_id) not in bad:
+                new_route.append(hop)
+                continue
+            info = await self._admit(lambda d=hop.deployment, r=hop.replica_id: registry.pick_least_loaded(
+                d, reserve=True, session_id=sid, exclude=r))
+            new_route.append(RouteHop(hop.deployment, info.replica_id, info.address))
+            self._count("avatarserve_session_reroutes", stage=hop.deployment)
+            log.info("session %s: %s moves from replica %s to %s", sid, hop.deployment, hop.replica_id, info.replica_id)
+        await registry.record_route(sid, new_route, ttl_s=self.session_ttl_s)
+        return new_route
 
     # ----- streaming ----------------------------------------------------------------------------------------
     async def StreamSession(self, requests, grpc_context=None):
@@ -239,6 +373,7 @@ class Gateway:
         it = requests.__aiter__()
         lock_key = None
         pipe = None
+        completed = False
         try:
             try:
                 first = await it.__anext__()
@@ -257,6 +392,7 @@ class Gateway:
             route = await registry.get_route(sid)
             if not route:
                 raise _Abort(grpc.StatusCode.UNAVAILABLE, f"session {sid!r} has no pipeline route")
+            route = await self._place_route(sid, route)
             raw = await store.r.hget(store._k("session", sid), "options")
             opts = json.loads(raw) if raw else {}
             settings = StreamSettings(
@@ -270,33 +406,94 @@ class Gateway:
             except PipelineError as exc:
                 raise _Abort(grpc.StatusCode.UNAVAILABLE, f"could not open the pipeline: {exc.message}") from exc
             await store.set_state(sid, "STREAMING")
+            meter = SessionMeter(self.stream.fps, self.fps_window_s)
+            m = self.metrics
+            seen = {"ttff": False, "interrupts": 0}
 
             async def on_block(stats: dict) -> None:
-                await store.incr(sid, blocks_generated=1, blocks_delivered=1,
-                                 frames_delivered=self.stream.frames_per_block, idle_blocks=int(stats["is_idle"]))
+                delivered = stats["delivered"]
+                if m is not None:  # observed as they happen, so rates over short windows see them
+                    if not seen["ttff"] and ctl.ttff_s is not None:
+                        seen["ttff"] = True
+                        m.observe("avatarserve_time_to_first_frame_seconds", ctl.ttff_s)
+                    for s_ in ctl.interrupt_to_idle_s[seen["interrupts"]:]:
+                        m.observe("avatarserve_interrupt_to_idle_seconds", s_)
+                    seen["interrupts"] = len(ctl.interrupt_to_idle_s)
+                meter.generated(stats["frames"])
+                if delivered:
+                    meter.delivered(stats["frames"])
+                    await store.incr(sid, blocks_generated=1, blocks_delivered=1,
+                                     frames_delivered=self.stream.frames_per_block, idle_blocks=int(stats["is_idle"]))
+                else:
+                    await store.incr(sid, blocks_generated=1)
+                if m is None:
+                    return
+                m.block(stats["stamps"], stats["received_ns"])
+                m.observe("avatarserve_block_latency_seconds", stats["latency_s"])
+                if not delivered:
+                    m.inc("avatarserve_frames_dropped", stats["frames"], reason="interrupt")
+                    return
+                m.inc("avatarserve_frames_delivered", stats["frames"])
+                m.observe("avatarserve_block_delivery_lag_seconds", max(0.0, stats["lag_s"]))
+                if stats["lag_s"] > self.late_after_s:
+                    m.inc("avatarserve_frames_late", stats["frames"])
+                m.observe("avatarserve_av_skew_seconds", abs(stats["av_skew_s"]))
 
             ctl = StreamController(sid, settings, pipe, on_block=on_block, geometry=self._geometry())
+            self._streams[sid] = (ctl, meter)
+            self._count("avatarserve_stream_starts")
             try:
                 async for msg in ctl.run(it):
+                    if msg.WhichOneof("kind") == "status" and msg.status.kind == pb.StatusEvent.KIND_END_OF_STREAM:
+                        # The stream is complete once END_OF_STREAM is out: a client that hangs up right after it
+                        # (closing the generator at this yield) ended it normally.
+                        completed = True
                     yield msg
             finally:
+                self._streams.pop(sid, None)
+                if m is not None:
+                    sr = float(self.stream.sample_rate)
+                    m.inc("avatarserve_audio_dropped_seconds", ctl.counters.audio_samples_late / sr, reason="late")
+                    m.inc("avatarserve_audio_dropped_seconds", ctl.counters.audio_samples_discarded / sr,
+                          reason="interrupt")
+                    if completed:
+                        m.inc("avatarserve_stream_ends", code="OK")
                 await store.incr(sid, audio_samples=ctl.counters.audio_samples_received,
                                  interrupts=ctl.counters.interrupts)
-            await store.set_state(sid, "IDLE")
+                if completed:
+                    await store.set_state(sid, "IDLE")
         except (_Abort, StreamAbort) as err:
             if isinstance(err, StreamAbort):
                 if lock_key is not None and err.code == "INTERNAL":
                     await store.set_state(sid, "FAILED")
                 err = _Abort(getattr(grpc.StatusCode, err.code), err.message, err.trailing)
+            self._count("avatarserve_stream_ends", code=err.code.name)
             _apply(grpc_context, err)
             # A streaming method's status only reaches the client through an exception raised after setting
             # the code (Serve wraps it with the code set on the context); returning would end the call OK.
             raise _StreamFailed(err.message) from None
+        except (asyncio.CancelledError, GeneratorExit):
+            if not completed:
+                self._count("avatarserve_stream_ends", code="CANCELLED")
+            raise
+        except Exception:
+            if not completed:
+                self._count("avatarserve_stream_ends", code="INTERNAL")
+            raise
         finally:
             if pipe is not None:
                 await pipe.close()
             if lock_key is not None:
                 await store.r.delete(lock_key)
+
+
+def _in_serve_replica() -> bool:
+    try:
+        from ray.serve import context
+
+        return context._get_internal_replica_context() is not None
+    except ImportError:
+        return False
 
 
 def _last_line(msg: str) -> str:

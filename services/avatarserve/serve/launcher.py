@@ -2,8 +2,10 @@
 
 `up` starts, in order: a redis-server (unless REDIS_URL is set), a Ray head (`ray start --head --block` in its own
 process session, so `down` can stop exactly the processes it started and nothing else), then deploys the Serve
-application with the gRPC proxy, waits until the app is RUNNING and answers health checks, and prints the gRPC
-address. What it started is recorded in a state file (default ~/.avatarserve/local-cluster.json).
+application declaratively (`app.deploy`: the avatar app with its application-level session autoscaling policy; the
+ops dashboard is at `{http_address}{route_prefix}/ops/`), waits until it is RUNNING and the gRPC endpoint answers
+health checks, and prints the addresses. Prometheus scrapes `127.0.0.1:{metrics_export_port}/metrics` (deploy/prometheus.yml).
+What it started is recorded in a state file (default ~/.avatarserve/local-cluster.json).
 
 Ray >= 2.59 turns token authentication on for local clusters. The local cluster binds only to 127.0.0.1 and we set
 RAY_AUTH_MODE=disabled deliberately for it (documented in the README); a multi-node deployment uses KubeRay.
@@ -65,6 +67,7 @@ class ClusterState:
     started_at: float = field(default_factory=time.time)
     app_name: str = "avatarserve"
     temp_dir: Optional[str] = None
+    ops_url: Optional[str] = None
 
     def save(self, path: Path = STATE_FILE) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,8 +126,11 @@ def start_ray_head(cfg: Dict[str, Any], temp_dir: Path, metrics_port: int) -> tu
     if resources:
         cmd += ["--resources", json.dumps(resources)]
     temp_dir.mkdir(parents=True, exist_ok=True)
+    env = ray_env()
+    if cl.get("metrics_report_interval_ms"):  # how often replicas push metrics to the node's agent (Ray: 10 s)
+        env["RAY_metrics_report_interval_ms"] = str(int(cl["metrics_report_interval_ms"]))
     proc = subprocess.Popen(cmd, stdout=open(temp_dir / "ray-head.log", "ab"), stderr=subprocess.STDOUT,
-                            env=ray_env(), start_new_session=True)
+                            env=env, start_new_session=True)
     try:
         _wait_port("127.0.0.1", port, 90, "the Ray head (GCS)")
     except LauncherError:
@@ -175,36 +181,19 @@ def deploy_app(cfg: Dict[str, Any], ray_address: str, redis_url: str, grpc_port:
     import ray
     from ray import serve
 
-    from .app import build_app, grpc_options, http_options
+    from .app import AppConfigError, deploy, grpc_options, http_options
 
     ray.init(address=ray_address, log_to_driver=False, namespace="avatarserve")
     try:
         serve.start(grpc_options=grpc_options(grpc_port), http_options=http_options(http_port))
         app_cfg = dict(cfg.get("app", {}))
         app_cfg["redis_url"] = redis_url
-        name = app_cfg.get("name", "avatarserve")
-        serve.run(build_app(app_cfg), name=name, route_prefix=app_cfg.get("route_prefix", "/avatarserve"),
-                  blocking=False)
-        _wait_app_running(name, timeout=float(app_cfg.get("startup_timeout_s", 300)))
+        try:
+            deploy(app_cfg, timeout_s=float(app_cfg.get("startup_timeout_s", 300)))
+        except (AppConfigError, TimeoutError) as exc:
+            raise LauncherError(str(exc)) from exc
     finally:
         ray.shutdown()
-
-
-def _wait_app_running(name: str, timeout: float) -> None:
-    from ray import serve
-
-    deadline = time.time() + timeout
-    last = None
-    while time.time() < deadline:
-        st = serve.status().applications.get(name)
-        if st is not None:
-            last = st.status
-            if str(last).endswith("RUNNING"):
-                return
-            if str(last).endswith("DEPLOY_FAILED"):
-                raise LauncherError(f"Serve app {name!r} failed to deploy: {st.message}")
-        time.sleep(1.0)
-    raise LauncherError(f"Serve app {name!r} not RUNNING after {timeout:.0f} s (last status {last})")
 
 
 def wait_grpc_healthy(address: str, timeout: float = 60.0) -> None:
@@ -252,7 +241,9 @@ def up(config_path: Optional[str] = None, *, state_file: Path = STATE_FILE, quie
                              http_address=f"http://127.0.0.1:{http_port}", ray_address=ray_address,
                              redis_url=redis_url, redis_pid=redis_pid, ray_pgid=ray_pgid,
                              metrics_export_port=metrics_port, temp_dir=str(temp_dir),
-                             app_name=cfg.get("app", {}).get("name", "avatarserve"))
+                             app_name=cfg.get("app", {}).get("name", "avatarserve"),
+                             ops_url=(f"http://127.0.0.1:{http_port}{cfg.get('app', {}).get('route_prefix', '/avatarserve')}/ops/"
+                                      if (cfg.get("app", {}).get("ops") or {}).get("enabled", True) else None))
         state.save(state_file)  # record before deploying so `down` can clean up a half-started cluster
         deploy_app(cfg, ray_address, redis_url, grpc_port, http_port)
         wait_grpc_healthy(state.grpc_address)
@@ -265,7 +256,8 @@ def up(config_path: Optional[str] = None, *, state_file: Path = STATE_FILE, quie
     if not quiet:
         print(json.dumps({"grpc_address": state.grpc_address, "http_address": state.http_address,
                           "ray_address": state.ray_address, "redis_url": state.redis_url,
-                          "metrics_export_port": metrics_port, "state_file": str(state_file)}))
+                          "metrics_export_port": metrics_port, "ops_url": state.ops_url,
+                          "state_file": str(state_file)}))
     return 0
 
 

@@ -5,6 +5,15 @@ Each replica of a `StageReplica` deployment builds its handler from a plain conf
 live_sessions, capacity}` in Redis with a TTL heartbeat, and exposes `status()`. Serve handles are
 only the control plane here (placement, health, status); blocks never go through them.
 
+Autoscaling and scale-down: `record_autoscaling_stats` reports the sessions a replica holds (live +
+reserved) for the application-level policy (serve/autoscale.py). Serve picks scale-down victims
+without looking at load and drains only Serve requests, never our data-plane sessions; so when Serve
+stops a replica (it calls the user class's `__del__` after its own drain, then kills the actor once
+`graceful_shutdown_timeout_s` has passed), `__del__` first deregisters the replica (no new session is
+placed on it), then waits up to `drain_timeout_s` for its live sessions to end before stopping the
+data plane. Deployments must set `graceful_shutdown_timeout_s >= drain_timeout_s + margin`
+(`shutdown_budget_s`).
+
 `build_pipeline_app(config)` returns one Serve application: a small `PipelineDirectory` ingress
 bound to every stage deployment, so one `serve.run` deploys all stages in parallel.
 """
@@ -14,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from avatarserve.serve.autoscale import HELD_SESSIONS_METRIC, LIVE_SESSIONS_METRIC
 from avatarserve.serve.registry import ReplicaHeartbeat, ReplicaInfo, ReplicaRegistry
 from avatarserve.serve.stage_host import BackgroundStageHost, StageHostConfig
 from avatarserve.serve.synthetic import SyntheticStage
@@ -30,6 +41,7 @@ __all__ = [
     "StageSpec",
     "build_handler",
     "build_pipeline_app",
+    "shutdown_budget_s",
 ]
 
 log = logging.getLogger(__name__)
@@ -42,6 +54,18 @@ HANDLER_FACTORIES: dict[str, Callable[[Mapping[str, Any]], StageHandler]] = {
 
 class PipelineConfigError(StageError, ValueError):
     """Invalid pipeline/stage configuration."""
+
+
+# Serve's own drain loop runs before our __del__ (one `graceful_shutdown_wait_loop_s`, 2 s by default), and stopping
+# the data plane after the drain takes a moment: the Serve budget must cover both around our drain.
+SHUTDOWN_MARGIN_S = 10.0
+
+
+def shutdown_budget_s(drain_timeout_s: float) -> float:
+    """`graceful_shutdown_timeout_s` for a stage deployment whose replicas drain sessions for `drain_timeout_s`."""
+    if drain_timeout_s < 0:
+        raise PipelineConfigError(f"drain_timeout_s must be >= 0, got {drain_timeout_s}")
+    return float(drain_timeout_s) + SHUTDOWN_MARGIN_S
 
 
 @dataclass(frozen=True)
@@ -88,6 +112,8 @@ class PipelineAppConfig:
     heartbeat_s: float = 1.0
     ttl_s: float = 5.0
     name: str = "tpp"
+    drain_timeout_s: float = 20.0  # how long a stopping replica waits for its live sessions
+    reservation_ttl_s: float = 60.0  # how long an admitted, not yet streaming session holds its slots
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -97,6 +123,9 @@ class PipelineAppConfig:
             raise PipelineConfigError(f"duplicate stage deployment names in {names}")
         if not 0 < self.heartbeat_s < self.ttl_s:
             raise PipelineConfigError(f"heartbeat_s ({self.heartbeat_s}) must be > 0 and below ttl_s ({self.ttl_s})")
+        if self.drain_timeout_s < 0 or self.reservation_ttl_s <= 0:
+            raise PipelineConfigError(f"drain_timeout_s ({self.drain_timeout_s}) must be >= 0 and reservation_ttl_s "
+                                      f"({self.reservation_ttl_s}) > 0")
 
     @property
     def deployments(self) -> list[str]:
@@ -110,6 +139,8 @@ class PipelineAppConfig:
             "advertise_host": self.advertise_host,
             "heartbeat_s": self.heartbeat_s,
             "ttl_s": self.ttl_s,
+            "drain_timeout_s": self.drain_timeout_s,
+            "reservation_ttl_s": self.reservation_ttl_s,
         }
 
 
@@ -133,16 +164,51 @@ def build_handler(spec: StageSpec, replica_name: str) -> StageHandler:
     return handler
 
 
+class _TimedHandler:
+    """Wraps a stage handler to time each step and count blocks and failures (every other attribute is forwarded)."""
+
+    def __init__(self, inner: StageHandler, metrics: Any) -> None:
+        self._inner = inner
+        self._metrics = metrics
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def open_session(self, session_id: str, config: bytes) -> None:
+        await self._inner.open_session(session_id, config)
+
+    async def process(self, session_id: str, item: Any) -> list:
+        t0 = time.perf_counter()
+        try:
+            out = await self._inner.process(session_id, item)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            self._metrics.inc("avatarserve_stage_errors")
+            raise
+        self._metrics.observe("avatarserve_stage_step_seconds", time.perf_counter() - t0)
+        self._metrics.inc("avatarserve_stage_blocks")
+        return out
+
+    async def close_session(self, session_id: str) -> None:
+        await self._inner.close_session(session_id)
+
+
 class StageReplica:
     """Body of every stage deployment (wrapped by `serve.deployment` in `build_pipeline_app`)."""
 
     def __init__(self, spec: Mapping[str, Any], common: Mapping[str, Any]) -> None:
         from ray import serve
 
+        from avatarserve.serve.metrics import StageMetrics
+
         self.spec = StageSpec.from_dict(spec)
         ctx = serve.get_replica_context()
         self.replica_id = ctx.replica_tag
         self.name = f"{self.spec.deployment}#{self.replica_id}"
+        self.drain_timeout_s = float(common.get("drain_timeout_s", 20.0))
+        self.draining = False
+        self.metrics = StageMetrics(self.spec.capacity)
         bind_host = common["bind_host"]
         advertise = common.get("advertise_host")
         if not advertise and bind_host in ("0.0.0.0", "::", ""):
@@ -157,10 +223,11 @@ class StageReplica:
             max_sessions=self.spec.capacity,
             transport=TransportOptions(queue_size=self.spec.queue_size),
         )
-        self._bg = BackgroundStageHost(lambda: build_handler(self.spec, self.name), host_config)
+        self._bg = BackgroundStageHost(lambda: _TimedHandler(build_handler(self.spec, self.name), self.metrics), host_config)
         self.address = self._bg.start()
         self._heartbeat: Optional[ReplicaHeartbeat] = None
         self._registry: Optional[ReplicaRegistry] = None
+        self._metrics_task: Optional[asyncio.Task[None]] = None
         try:
             self._bg.call(self._start_registry(common), timeout_s=30)
         except BaseException:
@@ -169,19 +236,32 @@ class StageReplica:
         log.info("%s: data plane on %s, registered as %s/%s", self.name, self.address, self.spec.deployment, self.replica_id)
 
     def _info(self) -> ReplicaInfo:
+        host = self._bg.host
         return ReplicaInfo(
             deployment=self.spec.deployment,
             replica_id=self.replica_id,
             address=self.address,
-            live_sessions=self._bg.host.live_sessions,
+            live_sessions=host.live_sessions,
             capacity=self.spec.capacity,
+            session_ids=tuple(host.session_ids()),
         )
 
     async def _start_registry(self, common: Mapping[str, Any]) -> None:
-        # Runs on the data-plane loop: the redis client and heartbeat task live there.
-        self._registry = ReplicaRegistry.from_url(common["redis_url"], namespace=common.get("namespace", ""), ttl_s=common["ttl_s"])
+        # Runs on the data-plane loop: the redis client, the heartbeat and the metrics task live there.
+        self._registry = ReplicaRegistry.from_url(common["redis_url"], namespace=common.get("namespace", ""), ttl_s=common["ttl_s"],
+                                                  reservation_ttl_s=float(common.get("reservation_ttl_s", 60.0)))
         self._heartbeat = ReplicaHeartbeat(self._registry, self._info, interval_s=common["heartbeat_s"])
         await self._heartbeat.start()
+        self._metrics_task = asyncio.get_running_loop().create_task(self._publish_metrics(float(common["heartbeat_s"])),
+                                                                    name="stage-metrics")
+
+    async def _publish_metrics(self, interval_s: float) -> None:
+        while True:
+            try:
+                self.metrics.snapshot(self._bg.host.stats(), self.reserved, self.draining)
+            except Exception as exc:  # noqa: BLE001 - metrics must never take the data plane down
+                log.warning("%s: metrics snapshot failed: %s", self.name, exc)
+            await asyncio.sleep(interval_s)
 
     async def _stop_registry(self) -> None:
         if self._heartbeat is not None:
@@ -189,30 +269,66 @@ class StageReplica:
         if self._registry is not None:
             await self._registry.close()
 
+    async def _stop_metrics(self) -> None:
+        task, self._metrics_task = self._metrics_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    @property
+    def reserved(self) -> int:
+        return self._heartbeat.reserved if self._heartbeat is not None and not self.draining else 0
+
     async def status(self) -> dict[str, Any]:
         stats = await asyncio.wrap_future(self._bg.submit(self._stats()))
-        stats.update(deployment=self.spec.deployment, replica_id=self.replica_id, heartbeats=self._heartbeat.beats if self._heartbeat else 0)
+        stats.update(deployment=self.spec.deployment, replica_id=self.replica_id, heartbeats=self._heartbeat.beats if self._heartbeat else 0,
+                     reserved=self.reserved, draining=self.draining)
         return stats
 
     async def _stats(self) -> dict[str, Any]:
         return self._bg.host.stats()
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        # Sessions per replica is the scaling signal (read across threads: a len() of a dict).
-        return {"live_sessions": float(self._bg.host.live_sessions)}
+        # Sessions per replica is the scaling signal (read across threads: a len() of a dict). Held = live + admitted
+        # sessions that reserved a slot here and have not opened their stream yet.
+        live = float(self._bg.host.live_sessions)
+        return {LIVE_SESSIONS_METRIC: live, HELD_SESSIONS_METRIC: live + float(self.reserved)}
 
     def check_health(self) -> None:
         if not self._bg.alive:
             raise RuntimeError(f"{self.name}: data-plane thread is not running")
+
+    def drain(self, timeout_s: float) -> int:
+        """Deregister (no new sessions), then wait up to `timeout_s` for live sessions to end. Returns how many were
+        still live at the deadline. Blocking: Serve runs it from `__del__` on the replica's user-code thread."""
+        bg = self._bg
+        self.draining = True
+        try:
+            bg.call(self._stop_registry(), timeout_s=5)
+        except Exception as exc:  # the TTL removes the record anyway
+            log.warning("%s: deregistration failed: %s", self.name, exc)
+        deadline = time.monotonic() + timeout_s
+        live = bg.host.live_sessions
+        if live:
+            log.info("%s: draining %d live session(s) for up to %.0f s", self.name, live, timeout_s)
+        while live and time.monotonic() < deadline:
+            time.sleep(0.2)
+            live = bg.host.live_sessions
+        if live:
+            log.warning("%s: %d session(s) still live after the %.0f s drain budget; they are cut: %s", self.name, live,
+                        timeout_s, bg.host.session_ids())
+            self.metrics.inc("avatarserve_replica_sessions_cut", live)
+        return live
 
     def __del__(self) -> None:
         bg = getattr(self, "_bg", None)
         if bg is None or not bg.alive:
             return
         try:
-            bg.call(self._stop_registry(), timeout_s=5)
-        except Exception as exc:  # shutting down anyway; the TTL removes the record
-            log.warning("%s: deregistration failed: %s", getattr(self, "name", "?"), exc)
+            self.drain(getattr(self, "drain_timeout_s", 0.0))
+            bg.call(self._stop_metrics(), timeout_s=5)
+        except Exception as exc:  # noqa: BLE001 - shutting down anyway
+            log.warning("%s: drain failed: %s", getattr(self, "name", "?"), exc)
         bg.stop()
 
 
@@ -241,8 +357,8 @@ def build_pipeline_app(config: PipelineAppConfig) -> Any:
             name=spec.deployment,
             num_replicas=spec.num_replicas,
             ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
-            # Long-lived sessions must drain before a replica goes away.
-            graceful_shutdown_timeout_s=30,
+            # Long-lived sessions must drain before a replica goes away (see StageReplica.drain).
+            graceful_shutdown_timeout_s=shutdown_budget_s(config.drain_timeout_s),
         )
         bound.append(dep.bind(spec.to_dict(), common))
     directory = serve.deployment(PipelineDirectory).options(name=f"{config.name}-directory", num_replicas=1, ray_actor_options={"num_cpus": 0.01})

@@ -1,16 +1,25 @@
-"""Redis-backed registry of stage replicas and session routes (asyncio, `redis.asyncio`).
+"""Redis-backed registry of stage replicas, session reservations and session routes (asyncio, `redis.asyncio`).
 
 Keys (all under an optional `namespace` prefix, e.g. "avatarserve:"):
     replica:{deployment}:{replica_id}   hash  deployment, replica_id, address, live_sessions,
                                               capacity, updated_ms   (PEXPIRE ttl: a replica that
                                               stops heartbeating disappears)
     replicas:{deployment}               zset  replica_id -> expiry (Redis server ms): the index
+    resv:{deployment}:{replica_id}      zset  session_id -> expiry (Redis server ms): admitted
+                                              sessions that hold a slot but are not streaming yet
     route:{session_id}                  string JSON [{"deployment", "replica_id", "address"}, ...]
 
+A replica's load is `live_sessions` (its own count, written by its heartbeat) plus its unexpired
+reservations. Picking a replica reserves a slot for the session in the same atomic script, so
+concurrent gateways never over-fill a replica between heartbeats. A reservation lasts until the
+replica reports that session live (its heartbeat removes it: the slot is then counted as live),
+until it is released (CloseSession, failed admission), or until it expires (`reservation_ttl_s`:
+a client that never streams). Heartbeats never overwrite reservations, so an admitted session keeps
+its slot however many heartbeats pass before its stream opens.
+
 Expiry uses the Redis server's clock (TIME inside scripts), so replicas on hosts with skewed
-clocks agree. `pick_least_loaded` selects and reserves (increments `live_sessions`) atomically in
-one script, so concurrent gateways do not pile onto the same replica between heartbeats; the
-replica's next heartbeat overwrites the count with its true value.
+clocks agree. The scripts touch keys they compute from a prefix, so they need one Redis server
+(not Redis Cluster).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Sequence
 
@@ -31,6 +41,7 @@ __all__ = [
     "ReplicaInfo",
     "ReplicaRegistry",
     "RouteHop",
+    "RouteReservation",
 ]
 
 log = logging.getLogger(__name__)
@@ -43,15 +54,25 @@ class RegistryError(Exception):
 class NoReplicaAvailableError(RegistryError):
     """No live replica of a deployment has a free session slot."""
 
+    def __init__(self, message: str, *, deployment: str = "", registered: int = 0,
+                 full: Optional[dict[str, int]] = None) -> None:
+        super().__init__(message)
+        self.deployment = deployment
+        self.registered = registered  # live replicas of that deployment (0: none registered)
+        # every deployment without a free slot -> its live replicas (`reserve_route` checks them all)
+        self.full: dict[str, int] = dict(full) if full is not None else ({deployment: registered} if deployment else {})
+
 
 @dataclass(frozen=True)
 class ReplicaInfo:
     deployment: str
     replica_id: str
     address: str
-    live_sessions: int = 0
+    live_sessions: int = 0  # read back from the registry: live + reserved (the slots in use)
     capacity: int = 1
     updated_ms: int = 0  # Redis server time of the last heartbeat (set by the registry)
+    reserved: int = 0  # read back: unexpired reservations (included in live_sessions)
+    session_ids: tuple[str, ...] = ()  # sent by heartbeats: ids of the sessions live on the replica
 
     def __post_init__(self) -> None:
         for name in ("deployment", "replica_id"):
@@ -62,23 +83,24 @@ class ReplicaInfo:
             raise RegistryError(f"ReplicaInfo.address must be host:port, got {self.address!r}")
         if self.capacity < 1:
             raise RegistryError(f"ReplicaInfo.capacity must be >= 1, got {self.capacity}")
-        if self.live_sessions < 0:
-            raise RegistryError(f"ReplicaInfo.live_sessions must be >= 0, got {self.live_sessions}")
+        if self.live_sessions < 0 or self.reserved < 0:
+            raise RegistryError(f"ReplicaInfo.live_sessions/reserved must be >= 0, got {self.live_sessions}/{self.reserved}")
 
     @property
     def load(self) -> float:
         return self.live_sessions / self.capacity
 
     @classmethod
-    def _from_hash(cls, h: dict[str, str]) -> "ReplicaInfo":
+    def _from_hash(cls, h: dict[str, str], reserved: int = 0) -> "ReplicaInfo":
         try:
             return cls(
                 deployment=h["deployment"],
                 replica_id=h["replica_id"],
                 address=h["address"],
-                live_sessions=int(h["live_sessions"]),
+                live_sessions=int(h["live_sessions"]) + int(reserved),
                 capacity=int(h["capacity"]),
                 updated_ms=int(h.get("updated_ms", 0)),
+                reserved=int(reserved),
             )
         except (KeyError, ValueError) as exc:
             raise RegistryError(f"malformed replica record {h!r}: {exc}") from None
@@ -91,67 +113,166 @@ class RouteHop:
     address: str
 
 
-# KEYS[1] replica hash, KEYS[2] index zset; ARGV: ttl_ms, field/value pairs, replica id.
-_REGISTER = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[1])
-local fields = {}
-for i = 2, #ARGV - 1 do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', KEYS[1], 'updated_ms', now, unpack(fields))
-redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('ZADD', KEYS[2], now + ttl, ARGV[#ARGV])
-return now
-"""
+@dataclass(frozen=True)
+class RouteReservation:
+    """Outcome of re-validating a recorded route for a new stream (`ReplicaRegistry.reserve_route_hops`)."""
 
-# KEYS[1] index zset; ARGV[1] replica hash prefix, ARGV[2] "1" to reserve a slot.
-# Returns {0} (none registered), {1} (all full) or {2, field, value, ...} of the chosen replica.
-_PICK = """
+    ok: list[RouteHop]  # still registered; the session holds (or now got) a slot there
+    gone: list[RouteHop]  # replica no longer registered (stopped, draining, crashed)
+    full: list[RouteHop]  # registered but without a free slot for this session
+
+
+# Lua helpers shared by the scripts: server time in ms; slots in use on a replica (purges expired reservations).
+_NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
-local best, best_load, best_live, seen = nil, 0, 0, 0
-for _, id in ipairs(ids) do
-  local v = redis.call('HMGET', ARGV[1] .. id, 'live_sessions', 'capacity')
-  if v[1] and v[2] then
-    seen = seen + 1
-    local live, cap = tonumber(v[1]), tonumber(v[2])
-    if cap > 0 and live < cap then
-      local load = live / cap
-      if best == nil or load < best_load or (load == best_load and (live < best_live or (live == best_live and id < best))) then
-        best, best_load, best_live = id, load, live
+"""
+_HELD = """
+local function held(rkey, live)
+  redis.call('ZREMRANGEBYSCORE', rkey, '-inf', now)
+  return live + redis.call('ZCARD', rkey)
+end
+"""
+# Least-loaded live replica of one deployment with a free slot (ties: fewer slots in use, then smallest id).
+# Returns best_id (or nil), its slots in use, and how many live replicas were seen.
+_BEST = """
+local function best_of(index_key, prefix, resv_prefix, exclude)
+  redis.call('ZREMRANGEBYSCORE', index_key, '-inf', now)
+  local ids = redis.call('ZRANGE', index_key, 0, -1)
+  local best, best_load, best_held, seen = nil, 0, 0, 0
+  for _, id in ipairs(ids) do
+    local v = redis.call('HMGET', prefix .. id, 'live_sessions', 'capacity')
+    if v[1] and v[2] then
+      seen = seen + 1
+      local cap = tonumber(v[2])
+      local h = held(resv_prefix .. id, tonumber(v[1]))
+      if id ~= exclude and cap > 0 and h < cap then
+        local load = h / cap
+        if best == nil or load < best_load or (load == best_load and (h < best_held or (h == best_held and id < best))) then
+          best, best_load, best_held = id, load, h
+        end
       end
     end
   end
+  return best, best_held, seen
 end
+"""
+
+# KEYS[1] replica hash, KEYS[2] index zset, KEYS[3] reservation zset.
+# ARGV: ttl_ms, 2*n, n field/value pairs, replica id, then the ids of the sessions live on the replica.
+# Returns {server time ms, unexpired reservations left}.
+_REGISTER = _NOW + """
+local ttl = tonumber(ARGV[1])
+local n = tonumber(ARGV[2])
+local fields = {}
+for i = 3, 2 + n do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], 'updated_ms', now, unpack(fields))
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('ZADD', KEYS[2], now + ttl, ARGV[3 + n])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+for i = 4 + n, #ARGV do redis.call('ZREM', KEYS[3], ARGV[i]) end
+return {now, redis.call('ZCARD', KEYS[3])}
+"""
+
+# KEYS[1] index zset; ARGV: replica hash prefix, reservation prefix, "1" to reserve, session id, reservation ttl ms,
+# replica id to exclude ("" for none).
+# Returns {0, seen} (none registered), {1, seen} (all full) or {2, slots in use, field, value, ...} of the chosen one.
+_PICK = _NOW + _HELD + _BEST + """
+local best, h, seen = best_of(KEYS[1], ARGV[1], ARGV[2], ARGV[6])
 if best == nil then
-  if seen == 0 then return {0} end
-  return {1}
+  if seen == 0 then return {0, 0} end
+  return {1, seen}
 end
-local key = ARGV[1] .. best
-if ARGV[2] == '1' then redis.call('HINCRBY', key, 'live_sessions', 1) end
+if ARGV[3] == '1' then
+  local rkey = ARGV[2] .. best
+  redis.call('ZADD', rkey, now + tonumber(ARGV[5]), ARGV[4])
+  redis.call('PEXPIRE', rkey, tonumber(ARGV[5]) * 2)
+  h = h + 1
+end
+local out = {2, h}
+for _, x in ipairs(redis.call('HGETALL', ARGV[1] .. best)) do out[#out + 1] = x end
+return out
+"""
+
+# All-or-nothing admission across deployments. KEYS: the index zset of each deployment, in route order.
+# ARGV: namespace, session id, reservation ttl ms, then the deployment names (same order as KEYS).
+# Returns {1, position, live replicas seen, position, seen, ...} for every deployment without a free slot (1-based
+# positions; nothing reserved), or {2, id1, address1, id2, address2, ...}.
+_RESERVE_ROUTE = _NOW + _HELD + _BEST + """
+local ns, sid, rttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local chosen, failed = {}, {1}
+for i = 1, #KEYS do
+  local dep = ARGV[3 + i]
+  local best, h, seen = best_of(KEYS[i], ns .. 'replica:' .. dep .. ':', ns .. 'resv:' .. dep .. ':', '')
+  if best == nil then
+    failed[#failed + 1] = i
+    failed[#failed + 1] = seen
+  end
+  chosen[i] = best
+end
+if #failed > 1 then return failed end
 local out = {2}
-for _, x in ipairs(redis.call('HGETALL', key)) do out[#out + 1] = x end
+for i = 1, #KEYS do
+  local dep = ARGV[3 + i]
+  local rkey = ns .. 'resv:' .. dep .. ':' .. chosen[i]
+  redis.call('ZADD', rkey, now + rttl, sid)
+  redis.call('PEXPIRE', rkey, rttl * 2)
+  out[#out + 1] = chosen[i]
+  out[#out + 1] = redis.call('HGET', ns .. 'replica:' .. dep .. ':' .. chosen[i], 'address')
+end
+return out
+"""
+
+# Re-validate the hops of a recorded route for a new stream. ARGV: namespace, session id, reservation ttl ms, then
+# (deployment, replica id) pairs. Per hop returns 1 (slot held/reserved), 0 (replica gone) or 2 (replica full).
+_RESERVE_HOPS = _NOW + _HELD + """
+local ns, sid, rttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local out = {}
+for i = 4, #ARGV, 2 do
+  local dep, id = ARGV[i], ARGV[i + 1]
+  local alive = redis.call('ZSCORE', ns .. 'replicas:' .. dep, id)
+  local v = redis.call('HMGET', ns .. 'replica:' .. dep .. ':' .. id, 'live_sessions', 'capacity')
+  if (not alive) or tonumber(alive) <= now or not v[1] or not v[2] then
+    out[#out + 1] = 0
+  else
+    local rkey = ns .. 'resv:' .. dep .. ':' .. id
+    local h = held(rkey, tonumber(v[1]))
+    if redis.call('ZSCORE', rkey, sid) or h < tonumber(v[2]) then
+      redis.call('ZADD', rkey, now + rttl, sid)
+      redis.call('PEXPIRE', rkey, rttl * 2)
+      out[#out + 1] = 1
+    else
+      out[#out + 1] = 2
+    end
+  end
+end
 return out
 """
 
 
 class ReplicaRegistry:
-    """Replica registry and session routes in one Redis; safe to share across tasks of one loop."""
+    """Replica registry, reservations and session routes in one Redis; safe to share across tasks of one loop."""
 
-    def __init__(self, client: aioredis.Redis, *, namespace: str = "", ttl_s: float = 10.0) -> None:
+    def __init__(self, client: aioredis.Redis, *, namespace: str = "", ttl_s: float = 10.0,
+                 reservation_ttl_s: float = 60.0) -> None:
         if ttl_s <= 0:
             raise RegistryError(f"ttl_s must be > 0, got {ttl_s}")
+        if reservation_ttl_s <= 0:
+            raise RegistryError(f"reservation_ttl_s must be > 0, got {reservation_ttl_s}")
         self._r = client
         self.namespace = namespace
         self.ttl_s = ttl_s
+        self.reservation_ttl_s = reservation_ttl_s
         self._register = client.register_script(_REGISTER)
         self._pick = client.register_script(_PICK)
+        self._reserve_route = client.register_script(_RESERVE_ROUTE)
+        self._reserve_hops = client.register_script(_RESERVE_HOPS)
 
     @classmethod
-    def from_url(cls, url: str, *, namespace: str = "", ttl_s: float = 10.0) -> "ReplicaRegistry":
-        return cls(aioredis.Redis.from_url(url, decode_responses=True), namespace=namespace, ttl_s=ttl_s)
+    def from_url(cls, url: str, *, namespace: str = "", ttl_s: float = 10.0,
+                 reservation_ttl_s: float = 60.0) -> "ReplicaRegistry":
+        return cls(aioredis.Redis.from_url(url, decode_responses=True), namespace=namespace, ttl_s=ttl_s,
+                   reservation_ttl_s=reservation_ttl_s)
 
     async def close(self) -> None:
         await self._r.aclose()
@@ -167,6 +288,9 @@ class ReplicaRegistry:
     def _replica_prefix(self, deployment: str) -> str:
         return f"{self.namespace}replica:{deployment}:"
 
+    def _resv_prefix(self, deployment: str) -> str:
+        return f"{self.namespace}resv:{deployment}:"
+
     def _index_key(self, deployment: str) -> str:
         return f"{self.namespace}replicas:{deployment}"
 
@@ -180,10 +304,15 @@ class ReplicaRegistry:
         if not isinstance(deployment, str) or not deployment or ":" in deployment:
             raise RegistryError(f"deployment must be a non-empty string without ':', got {deployment!r}")
 
+    @property
+    def _reservation_ms(self) -> int:
+        return max(1, int(self.reservation_ttl_s * 1000))
+
     # ------------------------------------------------------------------ replicas
 
-    async def register(self, info: ReplicaInfo) -> int:
-        """Create or refresh a replica record (also the heartbeat); returns the server time in ms."""
+    async def heartbeat(self, info: ReplicaInfo) -> tuple[int, int]:
+        """Create or refresh a replica record; sessions in `info.session_ids` stop being reservations (they are live
+        now). Returns (Redis server time in ms, reservations still pending on the replica)."""
         fields = [
             "deployment", info.deployment,
             "replica_id", info.replica_id,
@@ -191,11 +320,18 @@ class ReplicaRegistry:
             "live_sessions", str(info.live_sessions),
             "capacity", str(info.capacity),
         ]  # fmt: skip
-        # The replica id is the last ARGV so the script can ZADD it.
-        args = [int(self.ttl_s * 1000), *fields, info.replica_id]
-        return int(await self._register(keys=[self._replica_prefix(info.deployment) + info.replica_id, self._index_key(info.deployment)], args=args))
+        args = [int(self.ttl_s * 1000), len(fields), *fields, info.replica_id, *info.session_ids]
+        keys = [self._replica_prefix(info.deployment) + info.replica_id, self._index_key(info.deployment),
+                self._resv_prefix(info.deployment) + info.replica_id]
+        now, reserved = await self._register(keys=keys, args=args)
+        return int(now), int(reserved)
+
+    async def register(self, info: ReplicaInfo) -> int:
+        """Create or refresh a replica record (also the heartbeat); returns the server time in ms."""
+        return (await self.heartbeat(info))[0]
 
     async def deregister(self, deployment: str, replica_id: str) -> None:
+        """Remove a replica: no new session is placed on it (its live sessions are not affected)."""
         self._check_deployment(deployment)
         async with self._r.pipeline(transaction=True) as p:
             p.delete(self._replica_prefix(deployment) + replica_id)
@@ -203,7 +339,7 @@ class ReplicaRegistry:
             await p.execute()
 
     async def replicas(self, deployment: str) -> list[ReplicaInfo]:
-        """Live replicas of `deployment` (heartbeat not expired), by replica id."""
+        """Live replicas of `deployment` (heartbeat not expired), by replica id; `live_sessions` counts reservations."""
         self._check_deployment(deployment)
         now_s, now_us = await self._r.time()
         now_ms = int(now_s) * 1000 + int(now_us) // 1000
@@ -213,24 +349,75 @@ class ReplicaRegistry:
         async with self._r.pipeline(transaction=False) as p:
             for rid in ids:
                 p.hgetall(self._replica_prefix(deployment) + rid)
-            hashes = await p.execute()
-        return sorted((ReplicaInfo._from_hash(h) for h in hashes if h), key=lambda r: r.replica_id)
+                p.zcount(self._resv_prefix(deployment) + rid, now_ms, "+inf")
+            res = await p.execute()
+        out = [ReplicaInfo._from_hash(h, int(n)) for h, n in zip(res[::2], res[1::2]) if h]
+        return sorted(out, key=lambda r: r.replica_id)
 
-    async def pick_least_loaded(self, deployment: str, *, reserve: bool = True) -> ReplicaInfo:
-        """Live replica with the lowest live_sessions/capacity that still has a free slot.
+    async def pick_least_loaded(self, deployment: str, *, reserve: bool = True, session_id: Optional[str] = None,
+                                exclude: str = "") -> ReplicaInfo:
+        """Live replica with the lowest (live + reserved) / capacity that still has a free slot.
 
-        Ties go to fewer live sessions, then the smallest replica id. With `reserve`, its
-        `live_sessions` is incremented in the same atomic step.
+        Ties go to fewer slots in use, then the smallest replica id. With `reserve`, a slot is reserved for
+        `session_id` (a random id when None) in the same atomic step. `exclude` skips one replica id.
         """
         self._check_deployment(deployment)
-        res = await self._pick(keys=[self._index_key(deployment)], args=[self._replica_prefix(deployment), "1" if reserve else "0"])
+        member = session_id or f"anon-{uuid.uuid4().hex}"
+        res = await self._pick(keys=[self._index_key(deployment)],
+                               args=[self._replica_prefix(deployment), self._resv_prefix(deployment),
+                                     "1" if reserve else "0", member, self._reservation_ms, exclude])
         status = int(res[0])
         if status == 0:
-            raise NoReplicaAvailableError(f"no live replica of {deployment!r} is registered")
+            raise NoReplicaAvailableError(f"no live replica of {deployment!r} is registered", deployment=deployment)
         if status == 1:
-            raise NoReplicaAvailableError(f"every live replica of {deployment!r} is at capacity")
+            raise NoReplicaAvailableError(f"every live replica of {deployment!r} is at capacity", deployment=deployment,
+                                          registered=int(res[1]))
+        held = int(res[1])
+        flat = res[2:]
+        h = dict(zip(flat[::2], flat[1::2]))
+        live = int(h.get("live_sessions", 0))
+        return ReplicaInfo._from_hash(h, max(0, held - live))
+
+    async def reserve_route(self, deployments: Sequence[str], session_id: str) -> list[RouteHop]:
+        """Pick the least-loaded replica of every deployment and reserve a slot on each for `session_id`, all or
+        nothing: when one deployment has no free slot, nothing is reserved and `NoReplicaAvailableError` names it."""
+        if not deployments:
+            raise RegistryError("a route needs at least one deployment")
+        for d in deployments:
+            self._check_deployment(d)
+        self._route_key(session_id)
+        res = await self._reserve_route(keys=[self._index_key(d) for d in deployments],
+                                        args=[self.namespace, session_id, self._reservation_ms, *deployments])
+        if int(res[0]) != 2:
+            full = {deployments[int(pos) - 1]: int(seen) for pos, seen in zip(res[1::2], res[2::2])}
+            dep, seen = next(iter(full.items()))
+            msg = "; ".join(("no live replica of %r is registered" if n == 0 else "every live replica of %r is at capacity")
+                            % d for d, n in full.items())
+            raise NoReplicaAvailableError(msg, deployment=dep, registered=seen, full=full)
         flat = res[1:]
-        return ReplicaInfo._from_hash(dict(zip(flat[::2], flat[1::2])))
+        return [RouteHop(d, rid, addr) for d, rid, addr in zip(deployments, flat[::2], flat[1::2])]
+
+    async def reserve_route_hops(self, session_id: str, hops: Sequence[RouteHop]) -> RouteReservation:
+        """For a new stream of a recorded route: keep (or re-take) this session's slot on every hop still registered;
+        report the hops whose replica is gone or full (the caller re-places those)."""
+        args: list = [self.namespace, session_id, self._reservation_ms]
+        for h in hops:
+            self._check_deployment(h.deployment)
+            args += [h.deployment, h.replica_id]
+        res = await self._reserve_hops(keys=[], args=args)
+        ok, gone, full = [], [], []
+        for h, status in zip(hops, res):
+            {1: ok, 0: gone, 2: full}[int(status)].append(h)
+        return RouteReservation(ok, gone, full)
+
+    async def release(self, session_id: str, hops: Sequence[RouteHop]) -> None:
+        """Drop this session's reservations on `hops` (session closed or admission abandoned)."""
+        if not hops:
+            return
+        async with self._r.pipeline(transaction=False) as p:
+            for h in hops:
+                p.zrem(self._resv_prefix(h.deployment) + h.replica_id, session_id)
+            await p.execute()
 
     # ------------------------------------------------------------------ routes
 
@@ -269,12 +456,13 @@ class ReplicaHeartbeat:
         self.interval_s = interval_s
         self._task: Optional[asyncio.Task[None]] = None
         self.beats = 0
+        self.reserved = 0  # reservations pending on this replica, as of the last beat
 
     async def start(self) -> None:
         """Register once (errors propagate: a replica that cannot register should not go live), then beat."""
         if self._task is not None:
             raise RegistryError("heartbeat already started")
-        await self._registry.register(self._info())
+        _, self.reserved = await self._registry.heartbeat(self._info())
         self.beats = 1
         self._task = asyncio.get_running_loop().create_task(self._run(), name="replica-heartbeat")
 
@@ -282,7 +470,7 @@ class ReplicaHeartbeat:
         while True:
             await asyncio.sleep(self.interval_s)
             try:
-                await self._registry.register(self._info())
+                _, self.reserved = await self._registry.heartbeat(self._info())
                 self.beats += 1
             except (RedisError, OSError) as exc:
                 log.warning("replica heartbeat failed: %s", exc)

@@ -120,12 +120,16 @@ class StreamController:
         self.interrupt_to_idle_s: list = []
         self.ttff_s: Optional[float] = None
         self.first_sent_at: Optional[float] = None
+        # Wall-clock time of stream-clock sample 0: the stream start while filling silence; in wait-for-audio mode it
+        # moves forward when audio arrives later than its pts says (the client paused), so delivery lag is measured
+        # against when the audio could have been there.
+        self.anchor = 0.0
         self._fatal: Optional[BaseException] = None
         self.end_reason = "end_of_input"
 
     # ----- public -------------------------------------------------------------------------------------------
     async def run(self, requests: AsyncIterator) -> AsyncIterator[pb.ServerMessage]:
-        self.t0 = self.last_audio_at = self.clock()
+        self.t0 = self.last_audio_at = self.anchor = self.clock()
         yield pb.ServerMessage(status=pb.StatusEvent(kind=pb.StatusEvent.KIND_STARTED, pts_ms=0,
                                                       geometry=self.geometry, counters=self.counters.proto()))
         tasks = [asyncio.create_task(self._guard(self._read(requests)), name="read"),
@@ -216,6 +220,8 @@ class StreamController:
             raise StreamAbort("INVALID_ARGUMENT", f"audio pts_ms {chunk.pts_ms} overlaps audio already received "
                                                   f"(received up to {self._ms(self.real_end)} ms)")
         start = max(start, self.real_end)  # absorb the rounding tolerance
+        if self.s.idle_mode == "wait":
+            self.anchor = max(self.anchor, self.last_audio_at - start / self.s.sample_rate)
         timeline_end = self.clock_pos + len(self._buf)
         if start < timeline_end:  # its span was already filled with silence: late
             late = min(len(pcm), timeline_end - start)
@@ -247,6 +253,11 @@ class StreamController:
         await self._put(self._status(pb.StatusEvent.KIND_INTERRUPTED, "interrupt", pts_ms=self._ms(self.clock_pos),
                                      block_index=self.next_block))
         self._wake.set()
+
+    @property
+    def buffered_seconds(self) -> float:
+        """Client audio waiting in the gateway, not yet fed to the pipeline."""
+        return len(self._buf) / self.s.sample_rate
 
     def _due(self) -> bool:
         """Is the next block's span fully due on the wall clock (plus grace)?"""
@@ -332,7 +343,13 @@ class StreamController:
             raise StreamAbort("INTERNAL", f"pipeline returned block {b}, which was not in flight")
         self.counters.blocks_generated += 1
         now = self.clock()
+        received_ns = time.time_ns()
         if meta.discard:
+            if self.on_block is not None:
+                await self.on_block({"block_index": b, "is_idle": meta.is_idle, "latency_s": now - meta.sent_at,
+                                     "pts_ms": meta.pts_ms, "wall_s": now - self.t0, "delivered": False,
+                                     "frames": self.s.frames_per_block, "stamps": item.stamps,
+                                     "received_ns": received_ns})
             return
         if self.ttff_s is None:
             self.ttff_s = now - (self.first_sent_at or now)
@@ -346,6 +363,7 @@ class StreamController:
         chunk = pb.VideoChunk(block_index=b, pts_ms=meta.pts_ms, duration_ms=int(round(self.s.block_ms)),
                               is_idle=meta.is_idle, width=self.s.width, height=self.s.height,
                               num_frames=self.s.frames_per_block)
+        frames = self.s.frames_per_block
         if "jpeg" in item.tensors:
             data = _as_bytes(item.tensors["jpeg"])
             sizes = _as_numpy(item.tensors["jpeg_sizes"]).tolist()
@@ -353,6 +371,7 @@ class StreamController:
             for n in sizes:
                 chunk.jpeg_frames.append(data[off:off + n])
                 off += n
+            frames = len(sizes)
         if "h264" in item.tensors:
             chunk.h264 = _as_bytes(item.tensors["h264"])
         self.counters.blocks_delivered += 1
@@ -360,8 +379,15 @@ class StreamController:
         self.counters.idle_blocks_delivered += int(meta.is_idle)
         await self._put(pb.ServerMessage(video=chunk))
         if self.on_block is not None:
+            done = self.clock()
+            audio_end_s = (meta.pts_ms + self.s.block_ms) / 1000.0
             await self.on_block({"block_index": b, "is_idle": meta.is_idle, "latency_s": now - meta.sent_at,
-                                 "pts_ms": meta.pts_ms, "wall_s": now - self.t0})
+                                 "pts_ms": meta.pts_ms, "wall_s": now - self.t0, "delivered": True,
+                                 "frames": frames, "stamps": item.stamps, "received_ns": received_ns,
+                                 # delivery lag behind the audio span's end on the stream's wall clock
+                                 "lag_s": done - (self.anchor + audio_end_s),
+                                 # video shown (frames / fps) minus the audio span the chunk was made from
+                                 "av_skew_s": frames / self.s.fps - self.s.block_ms / 1000.0})
 
 
 def _as_numpy(t) -> np.ndarray:
