@@ -40,6 +40,6 @@ def cluster(serve_instance, redis_server):
         time.sleep(1)
     else:
         pytest.fail(f"app not running: {serve.status().applications.get(APP)}")
-    wait_grpc_healthy(serve_instance.grpc_address, timeout=120)
+    wait_grpc_healthy(serve_instance.grpc_address, timeout=300)
     yield serve_instance.grpc_address
     serve.delete(APP)

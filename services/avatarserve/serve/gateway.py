@@ -314,13 +314,9 @@ class Gateway:
         except _Abort as err:
             _apply(grpc_context, err)
             return pb.SessionInfo()
-        c = rec.counters
         return pb.SessionInfo(
             session_id=rec.session_id, state=_STATES.get(rec.state, pb.SESSION_STATE_UNSPECIFIED),
-            geometry=self._geometry(), created_at_unix_ms=rec.created_ms,
-            counters=pb.SessionCounters(audio_samples_received=c["audio_samples"], blocks_generated=c["blocks_generated"],
-                                        blocks_delivered=c["blocks_delivered"], frames_delivered=c["frames_delivered"],
-                                        interrupts=c["interrupts"], idle_blocks_delivered=c["idle_blocks"]),
+            geometry=self._geometry(), created_at_unix_ms=rec.created_ms, counters=_counters(rec),
             stream_open=rec.state == "STREAMING")
 
     async def CloseSession(self, request: pb.CloseSessionRequest, grpc_context=None) -> pb.CloseSessionResponse:
@@ -334,11 +330,8 @@ class Gateway:
         self._count("avatarserve_session_closes")
         await store.set_state(request.session_id, "CLOSED")
         await store.delete_session(request.session_id)
-        c = rec.counters
-        return pb.CloseSessionResponse(
-            counters=pb.SessionCounters(audio_samples_received=c["audio_samples"], blocks_generated=c["blocks_generated"],
-                                        blocks_delivered=c["blocks_delivered"], frames_delivered=c["frames_delivered"]),
-            duration_ms=max(0, int(time.time() * 1000) - rec.created_ms))
+        return pb.CloseSessionResponse(counters=_counters(rec),
+                                       duration_ms=max(0, int(time.time() * 1000) - rec.created_ms))
 
     async def _release_route(self, sid: str) -> None:
         registry, _, _ = self._clients()
@@ -494,6 +487,14 @@ def _in_serve_replica() -> bool:
         return context._get_internal_replica_context() is not None
     except ImportError:
         return False
+
+
+def _counters(rec) -> pb.SessionCounters:
+    """Session counters stored in Redis -> the API message."""
+    c = rec.counters
+    return pb.SessionCounters(audio_samples_received=c["audio_samples"], blocks_generated=c["blocks_generated"],
+                              blocks_delivered=c["blocks_delivered"], frames_delivered=c["frames_delivered"],
+                              interrupts=c["interrupts"], idle_blocks_delivered=c["idle_blocks"])
 
 
 def _last_line(msg: str) -> str:

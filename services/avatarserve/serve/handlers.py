@@ -115,6 +115,13 @@ class _EngineHandler:
     def live_sessions(self) -> int:
         return len(self.session_options)
 
+    async def close_session(self, session_id: str) -> None:
+        self.session_options.pop(session_id, None)
+        try:
+            self.runner.close(session_id)
+        except SessionNotFound:
+            pass
+
 
 class AudioEncoderHandler(_EngineHandler):
     components = ("audio",)
@@ -142,12 +149,6 @@ class AudioEncoderHandler(_EngineHandler):
         return [BlockItem(block_index=item.block_index, pts_ms=item.pts_ms, metadata=dict(item.metadata),
                           tensors={"audio": payload.audio.numpy()})]
 
-    async def close_session(self, session_id: str) -> None:
-        self.session_options.pop(session_id, None)
-        try:
-            self.runner.close(session_id)
-        except SessionNotFound:
-            pass
 
 
 class DenoiseStageHandler(_EngineHandler):
@@ -205,15 +206,11 @@ class DenoiseStageHandler(_EngineHandler):
         return items
 
     async def close_session(self, session_id: str) -> None:
-        self.session_options.pop(session_id, None)
         try:
             self.board.close(session_id)
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - a session that failed before its board opened
             pass
-        try:
-            self.runner.close(session_id)
-        except SessionNotFound:
-            pass
+        await super().close_session(session_id)
 
 
 def _as_torch(ctl: ControlItem, name: str) -> torch.Tensor:
@@ -268,12 +265,6 @@ class VaeDecoderHandler(_EngineHandler):
                     height=str(self.stream.height))
         return [BlockItem(block_index=item.block_index, pts_ms=item.pts_ms, metadata=meta, tensors=tensors)]
 
-    async def close_session(self, session_id: str) -> None:
-        self.session_options.pop(session_id, None)
-        try:
-            self.runner.close(session_id)
-        except SessionNotFound:
-            pass
 
 
 # Factories for serve/pipeline_app.py's StageSpec.handler ("module:callable").

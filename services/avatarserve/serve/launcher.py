@@ -139,40 +139,31 @@ def start_ray_head(cfg: Dict[str, Any], temp_dir: Path, metrics_port: int) -> tu
     return proc.pid, f"127.0.0.1:{port}"
 
 
-def _kill_group(pgid: int, timeout: float = 25.0) -> None:
+def _terminate(send, timeout: float, poll_s: float) -> None:
+    """SIGTERM via `send`, wait until the target is gone, SIGKILL if it outlives `timeout`."""
     try:
-        os.killpg(pgid, signal.SIGTERM)
+        send(signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            os.killpg(pgid, 0)
+            send(0)
         except ProcessLookupError:
             return
-        time.sleep(0.3)
+        time.sleep(poll_s)
     try:
-        os.killpg(pgid, signal.SIGKILL)
+        send(signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def _kill_group(pgid: int, timeout: float = 25.0) -> None:
+    _terminate(lambda sig: os.killpg(pgid, sig), timeout, 0.3)
 
 
 def _kill_pid(pid: int, timeout: float = 10.0) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    _terminate(lambda sig: os.kill(pid, sig), timeout, 0.1)
 
 
 def deploy_app(cfg: Dict[str, Any], ray_address: str, redis_url: str, grpc_port: int, http_port: int) -> None:
