@@ -57,6 +57,10 @@ def build_bundle(
     preset = get_preset(config)
     stream = preset.stream.replace(**(stream_overrides or {}))
     schedule = FlowMatchSchedule.create(stream.num_steps, stream.shift, stream.num_train_timesteps)
+    if checkpoint is None and preset.extras.get("default_checkpoint"):
+        # Weights that ship inside the package (the `toy` model), relative to the avatarserve package.
+        checkpoint = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  preset.extras["default_checkpoint"])
     if checkpoint is not None:
         from .loading import load_bundle_components
 
@@ -89,8 +93,13 @@ def _random_components(preset: Preset, seed: int, device: str, dtype: torch.dtyp
     if "vae" in components:
         vae = tiny_vae(seed)
     if "audio" in components:
-        audio = AudioFeatureExtractor.tiny(seed, hidden_size=cfg.audio_dim,
-                                           num_hidden_layers=cfg.audio_num_layers - 1)
+        if preset.extras.get("audio_frontend") == "logmel":
+            from ..model.logmel import LogMelFrontEnd
+
+            audio = LogMelFrontEnd()
+        else:
+            audio = AudioFeatureExtractor.tiny(seed, hidden_size=cfg.audio_dim,
+                                               num_hidden_layers=cfg.audio_num_layers - 1)
     if "text" in components:
         text = tiny_text_encoder(seed, d_model=cfg.text_dim, max_length=cfg.text_len)
     return transformer, vae, audio, text

@@ -32,7 +32,7 @@ from .bundle import ALL_COMPONENTS
 
 LORA_FILE = "liveavatar.safetensors"
 VAE_CANDIDATES = ("vae", "Wan2.1_VAE.pth")
-AUDIO_CANDIDATES = ("wav2vec2-large-xlsr-53-english", "wav2vec2", "audio_encoder")
+AUDIO_CANDIDATES = ("wav2vec2-large-xlsr-53-english", "wav2vec2", "audio_encoder", "logmel")
 TEXT_CANDIDATES = ("text_encoder", "models_t5_umt5-xxl-enc-bf16.pth")
 
 
@@ -89,7 +89,12 @@ def load_bundle_components(preset: Preset, checkpoint: str | os.PathLike, *, dev
         vae_path = paths["vae"]
         vae = StreamingVAE.from_pretrained(vae_path if vae_path.is_dir() else root, dtype=torch.float32, device=device)
     if "audio" in components:
-        audio = AudioFeatureExtractor.from_pretrained(paths["audio"], device=device, dtype=torch.float32)
+        from ..model.logmel import LogMelFrontEnd, is_logmel_folder
+
+        if is_logmel_folder(paths["audio"]):  # fixed log-mel front end (the toy model): a json config only
+            audio = LogMelFrontEnd.from_pretrained(paths["audio"])
+        else:
+            audio = AudioFeatureExtractor.from_pretrained(paths["audio"], device=device, dtype=torch.float32)
     if "text" in components:
         text_path = paths["text"]
         text = TextEncoder.from_pretrained(text_path if text_path.is_dir() else root, dtype=torch.float32,
@@ -109,7 +114,12 @@ def save_bundle_checkpoint(bundle, out_dir: str | os.PathLike, *, max_shard_byte
     save_official_checkpoint(bundle.transformer.state_dict(), cfg.to_official_config(), out,
                              max_shard_bytes=max_shard_bytes, dtype=dtype)
     bundle.vae.vae.save_pretrained(out / "vae", safe_serialization=True)
-    bundle.audio.model.save_pretrained(out / "wav2vec2", safe_serialization=True)
+    from ..model.logmel import LogMelFrontEnd
+
+    if isinstance(bundle.audio, LogMelFrontEnd):
+        bundle.audio.save_pretrained(out / "logmel")
+    else:
+        bundle.audio.model.save_pretrained(out / "wav2vec2", safe_serialization=True)
     if bundle.text_encoder is not None:
         bundle.text_encoder.model.save_pretrained(out / "text_encoder", safe_serialization=True)
         bundle.text_encoder.tokenizer.save_pretrained(out / "text_encoder")

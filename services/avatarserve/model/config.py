@@ -266,7 +266,27 @@ TINY = Preset(
     description="Same classes as liveavatar-14b at sizes that run a block in milliseconds on a CPU",
 )
 
-PRESETS: Dict[str, Preset] = {p.name: p for p in (LIVEAVATAR_14B, TINY)}
+TOY = Preset(
+    name="toy",
+    model=ModelConfig(
+        dim=128,
+        ffn_dim=512,
+        num_heads=4,
+        num_layers=6,
+        text_dim=32,
+        text_len=16,
+        freq_dim=64,
+        audio_dim=128,  # log-mel front end: 4 hops x 32 mel bands per video frame
+        audio_num_layers=1,
+        audio_inject_layers=(0, 1, 2, 3, 4, 5),
+    ),
+    stream=StreamConfig(height=64, width=64, max_tokens_per_frame=1024),
+    description="Tiny Live Avatar trained by scripts/train_toy.py on the procedural talking-face world; "
+                "its weights ship in the package (avatarserve/weights/toy)",
+    extras={"default_checkpoint": "weights/toy", "audio_frontend": "logmel"},
+)
+
+PRESETS: Dict[str, Preset] = {p.name: p for p in (LIVEAVATAR_14B, TINY, TOY)}
 
 
 def get_preset(name: str) -> Preset:
