@@ -3,6 +3,10 @@
   # Ground truth of the toy world on held-out seeds (10**6 .. 10**6 + N - 1; training uses < 10**6):
   python bench/quality.py --ground-truth [--num-clips 20] [--seconds 10] [--stream-seconds 600]
 
+  # A model through the real SequentialPipeline: 20 held-out clips + one 10-minute held-out stream with RSFM on
+  # and with AAS + rolling RoPE off (the toy model's weights ship in the package; --checkpoint for others):
+  python bench/quality.py --json --model toy [--checkpoint DIR] [--num-clips 20] [--seconds 10] [--stream-seconds 600]
+
   # Any video file with audio (e.g. a model's output), against the reference image it was made from:
   python bench/quality.py --video out.mp4 --reference ref.png
 
@@ -23,6 +27,8 @@ import numpy as np
 
 from avatarserve import quality
 from avatarserve.toy import ToyWorldError, make_clip, make_stream
+from avatarserve.model.checkpoint import CheckpointError
+from avatarserve.model.config import ConfigError
 from avatarserve.toy.dataset import HELDOUT_SEED_START, split_of
 
 
@@ -130,31 +136,60 @@ def video_file(path: str, reference: str, max_offset: int) -> Dict[str, Any]:
     }
 
 
+def model_report(config: str, checkpoint: Optional[str], num_clips: int, seconds: float, stream_seconds: float,
+                 first_seed: int, threads: int, fps_seconds: float = 10.0) -> Dict[str, Any]:
+    """What the toy-model issue asks for, with the headline keys at the top level (see toy/train/evaluate.py)."""
+    import torch
+
+    from avatarserve.engine.bundle import build_bundle
+    from avatarserve.toy.train.evaluate import full_report
+
+    if split_of(first_seed) != "heldout":
+        raise ToyWorldError(f"--first-seed must be a held-out seed (>= {HELDOUT_SEED_START}), got {first_seed}")
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    report = full_report(build_bundle(config, checkpoint=checkpoint), num_clips, seconds, stream_seconds, first_seed,
+                         log=lambda msg: print(msg, file=sys.stderr, flush=True), fps_seconds=fps_seconds)
+    return {**report["summary"], **{k: v for k, v in report.items() if k != "summary"},
+            "wall_s": round(time.perf_counter() - t0, 1)}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--ground-truth", action="store_true", help="evaluate held-out toy-world ground truth")
     mode.add_argument("--video", help="evaluate this video file (needs --reference)")
+    mode.add_argument("--model", help="evaluate a model config (e.g. toy) on held-out clips and a long stream")
+    parser.add_argument("--checkpoint", help="checkpoint folder for --model (default: the config's shipped weights)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for --model evaluation")
+    parser.add_argument("--fps-seconds", type=float, default=10.0, help="clip length of the --model speed test")
     parser.add_argument("--reference", help="reference image (png/jpg) for --video")
     parser.add_argument("--num-clips", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--first-seed", type=int, default=HELDOUT_SEED_START)
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--stream-seconds", type=float, default=0.0, help="also evaluate one long stream")
+    parser.add_argument("--stream-seconds", type=float, default=None,
+                        help="length of the long held-out stream (default: 600 with --model, none with --ground-truth)")
     parser.add_argument("--max-offset", type=int, default=5)
+    parser.add_argument("--json", action="store_true", help="accepted for symmetry with the other benches: the "
+                        "result is always one JSON object on stdout (progress goes to stderr)")
     args = parser.parse_args(argv)
     try:
         if args.ground_truth:
             if args.num_clips < 1:
                 parser.error("--num-clips must be >= 1")
             out = ground_truth(
-                args.num_clips, args.seconds, args.first_seed, args.size, args.stream_seconds, args.max_offset
+                args.num_clips, args.seconds, args.first_seed, args.size, args.stream_seconds or 0.0, args.max_offset
             )
+        elif args.model:
+            stream_seconds = 600.0 if args.stream_seconds is None else args.stream_seconds
+            out = model_report(args.model, args.checkpoint, args.num_clips, args.seconds, stream_seconds,
+                               args.first_seed, args.threads, args.fps_seconds)
         else:
             if not args.reference:
                 parser.error("--video needs --reference")
             out = video_file(args.video, args.reference, args.max_offset)
-    except (quality.QualityError, ToyWorldError) as exc:
+    except (quality.QualityError, ToyWorldError, ConfigError, CheckpointError) as exc:
         print(json.dumps({"bench": "quality", "error": f"{type(exc).__name__}: {exc}"}))
         return 2
     print(json.dumps(out))

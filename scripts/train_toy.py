@@ -5,8 +5,9 @@
   python scripts/train_toy.py --smoke --out /tmp/x  # a few steps of every stage (CI)
   python scripts/train_toy.py --evaluate            # also score the result on held-out people
 
-Stages (each resumable from --work-dir): clips, vae, encode, stage1, stage2, export. `--stage2-method tf`
-trains the regression student instead of Self-Forcing DMD (see avatarserve/toy/train/dit.py).
+Stages (each resumable from --work-dir): clips, vae, encode, decoder, stage1, stage2, export. The shipped
+recipe's stage 2 is "none" (the stage-1 model is the 4-step student); `--stage2-method dmd` trains Self-Forcing
+DMD and `--stage2-method tf` the rollout-regression student instead (see avatarserve/toy/train/dit.py).
 Prints one JSON summary line at the end.
 """
 

@@ -1,7 +1,7 @@
 """`avatarserve` command line.
 
   avatarserve model-info --config NAME [--height H --width W] --json
-  avatarserve generate --config tiny --image IMG --audio WAV --out OUT.mp4 --seed N [--checkpoint DIR]
+  avatarserve generate [--config toy] --image IMG --audio WAV --out OUT.mp4 --seed N [--checkpoint DIR]
   avatarserve up [--config deploy/local.yaml] / avatarserve down
   avatarserve stream --server ADDR --image IMG --audio WAV --out OUT.mp4 [--realtime]
 
@@ -133,13 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     mi.set_defaults(func=_model_info)
 
     g = sub.add_parser("generate", help="generate an mp4 in one process (SequentialPipeline)")
-    g.add_argument("--config", default="tiny")
+    g.add_argument("--config", default="toy", help="model config (default: toy, whose weights ship in the package)")
     g.add_argument("--image", required=True)
     g.add_argument("--audio", required=True)
     g.add_argument("--out", required=True)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--prompt", default="")
-    g.add_argument("--checkpoint", help="local checkpoint folder (official Wan2.2-S2V layout)")
+    g.add_argument("--checkpoint", help="local checkpoint folder (official Wan2.2-S2V layout; default: the config's "
+                                        "shipped weights, random weights for tiny)")
     g.add_argument("--height", type=int)
     g.add_argument("--width", type=int)
     g.set_defaults(func=_generate)

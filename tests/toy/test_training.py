@@ -151,3 +151,38 @@ def test_shipped_toy_weights_load_by_default() -> None:
     assert meta["recipe"]["stage1"]["steps"] == FULL.stage1.steps
     # trained, not the zero-initialised head of a fresh model
     assert bundle.transformer.head.head.weight.abs().sum() > 0
+
+
+def test_single_frame_conv_shortcut_equals_the_causal_conv3d() -> None:
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    from avatarserve.toy.train.recipe import VaeRecipe
+    from avatarserve.toy.train.vae import build_vae, single_frame_convs
+
+    vae = build_vae(VaeRecipe(base_dim=4, decoder_base_dim=4))
+    with torch.no_grad():  # non-zero past taps: the shortcut must not depend on the inflated init
+        for m in vae.modules():
+            if isinstance(m, WanCausalConv3d):
+                m.weight.add_(0.01)
+    x = torch.rand(2, 3, 1, 32, 32) * 2 - 1
+
+    def run():
+        vae.zero_grad()
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample
+        y.square().mean().backward()
+        return y.detach(), vae.encoder.conv_in.weight.grad.clone()
+
+    y_ref, g_ref = run()
+    original = WanCausalConv3d.forward
+    with single_frame_convs():
+        assert WanCausalConv3d.forward is not original
+        y_fast, g_fast = run()
+    assert WanCausalConv3d.forward is original
+    assert torch.allclose(y_fast, y_ref, atol=1e-5) and torch.allclose(g_fast, g_ref, atol=1e-5)
+    # Clips: the first frame (no cache yet) may take the shortcut, later frames with caches the normal path.
+    clip = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    with torch.no_grad():
+        a = vae.decode(vae.encode(clip).latent_dist.mean).sample
+        with single_frame_convs():
+            b = vae.decode(vae.encode(clip).latent_dist.mean).sample
+    assert torch.allclose(a, b, atol=1e-5)

@@ -28,11 +28,11 @@ is its x0 estimate at a random exit step (Self-Forcing: grad through the exit st
 - method "none": the stage-1 model itself is the 4-step student. Stage 1 puts a quarter of its blocks exactly
   on the sampler's 4 noise levels, so it already runs as a timestep-forcing sampler.
 
-Measured on 4 held-out 10 s clips (seeds 10**6..10**6+3; the shipped run, 1 CPU thread): lip-sync corr
-0.363 / 0.370 / 0.461 and flicker 0.59 / 1.25 / 0.87 for none / dmd (200 steps) / tf (200 steps), with one
-clip failing in all three because the tiny VAE loses that person's colours. DMD's fake-real gap was still
-falling (0.25 -> 0.14) when its budget ended: at this scale and budget it had not converged, and both
-distilled students flicker more than the stage-1 model, which is therefore what ships (`Stage2Recipe.method`).
+Measured on 8 held-out 10 s clips (seeds 10**6..10**6+7; the shipped run, 1 CPU thread), none / dmd (200
+steps) / tf (200 steps): lip-sync corr 0.703 / 0.719 / 0.571 (ground truth 0.960), identity drift 0.20 / 0.47 /
+0.31, flicker 0.57 / 1.27 / 0.79. DMD's fake-real gap was still falling (0.24 -> 0.13) when its budget ended: at
+this scale and budget it had not converged; it lip-syncs slightly better but doubles flicker and identity drift,
+so the stage-1 model is what ships (`Stage2Recipe.method`).
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def train_stage1(model: CausalS2VTransformer, data: DitData, recipe: Stage1Recip
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         ema.update(model, step)
-        run.append(float(loss))
+        run.append(float(loss.detach()))
         if (step + 1) % log_every == 0 or step + 1 == recipe.steps:
             log(f"stage1 step {step + 1}/{recipe.steps} loss {np.mean(run):.4f} "
                 f"lr {opt.param_groups[0]['lr']:.2e} {(time.time() - t0) / len(run):.2f}s/step")
@@ -259,7 +259,7 @@ def train_stage2(teacher: CausalS2VTransformer, data: DitData, recipe: Stage2Rec
                 fl.backward()
                 torch.nn.utils.clip_grad_norm_(fake.parameters(), 1.0)
                 fake_opt.step()
-            stats["fake"] = float(fl)
+            stats["fake"] = float(fl.detach())
         x0 = rollout(student, b, stream, schedule, noise, exit_step, grad=True)
         if recipe.method == "dmd":
             direction, gap = dmd_direction(teacher, fake, x0.detach(), b, g, stream, recipe)
@@ -269,7 +269,7 @@ def train_stage2(teacher: CausalS2VTransformer, data: DitData, recipe: Stage2Rec
             stats["gap"] = gap
         else:
             loss = F.mse_loss(x0, b.x0)
-        stats["loss"] = float(loss)
+        stats["loss"] = float(loss.detach())
         stats["mse_data"] = float(F.mse_loss(x0.detach(), b.x0))
         if not torch.isfinite(loss):
             raise TrainingError(f"stage 2 loss diverged at step {step}")

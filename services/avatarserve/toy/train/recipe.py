@@ -27,8 +27,8 @@ class DataRecipe:
 class VaeRecipe:
     """A tiny AutoencoderKLWan (same classes as Wan2.1's VAE: 16 latent channels, strides 4 x 8 x 8)."""
 
-    base_dim: int = 12
-    decoder_base_dim: int = 8
+    base_dim: int = 24
+    decoder_base_dim: int = 16
     dim_mult: Tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 1
     # Phase A: single frames (from the per-frame inflated init, see toy/train/vae.py: cheap, learns the spatial
@@ -36,18 +36,20 @@ class VaeRecipe:
     # history, so clips of `steady_latents` latents run their first latents under no_grad (burn-in of the
     # encoder and decoder caches) and train on the last `steady_grad_latents` (truncated backprop in time); this
     # learns the temporal taps. Each phase has its own cosine learning-rate decay.
-    image_steps: int = 1500
+    image_steps: int = 3000
     image_batch: int = 12
     lr: float = 2e-3
+    warmup_steps: int = 100
     kl_weight: float = 1e-4  # on the mean latent's magnitude
-    steady_steps: int = 400
+    steady_steps: int = 200
     steady_batch: int = 4
     steady_latents: int = 6
     steady_grad_latents: int = 2
     steady_lr: float = 5e-4
+    # Phases A and B add a low-frequency colour term (L1 of 8x8-pooled frames: background, skin, hair colours).
     # Phase C (after the DiT's latents are encoded): decoder-only refinement on the stream's steady state with
-    # an extra low-frequency colour term. The encoder is frozen, so the latent space the DiT learns is unchanged.
-    decoder_steps: int = 400
+    # the same colour term. The encoder is frozen, so the latent space the DiT learns is unchanged.
+    decoder_steps: int = 200
     decoder_batch: int = 4
     decoder_lr: float = 5e-4
     colour_weight: float = 1.0
@@ -58,7 +60,7 @@ class VaeRecipe:
 class Stage1Recipe:
     """Diffusion forcing: block-causal windowed attention, an independent noise level per block."""
 
-    steps: int = 1600
+    steps: int = 2000
     batch: int = 8
     blocks: int = 6  # blocks per training window (> window_blocks, so the window limit is exercised)
     lr: float = 4e-4
@@ -114,7 +116,7 @@ FULL = TrainRecipe()
 
 SMOKE = TrainRecipe(
     data=DataRecipe(num_clips=3, clip_seconds=1.92, psnr_clips=1, psnr_seconds=0.48),
-    vae=VaeRecipe(image_steps=2, image_batch=2, steady_steps=2, steady_batch=1, steady_latents=3, decoder_steps=2,
+    vae=VaeRecipe(base_dim=8, decoder_base_dim=8, image_steps=2, image_batch=2, steady_steps=2, steady_batch=1, steady_latents=3, decoder_steps=2,
                   decoder_batch=1),
     stage1=Stage1Recipe(steps=3, batch=2, blocks=2, warmup=1),
     stage2=Stage2Recipe(method="dmd", steps=2, batch=1, blocks=2, fake_updates=1),

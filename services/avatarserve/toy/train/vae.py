@@ -11,12 +11,14 @@ training, the per-channel mean / std of the posterior means over the training cl
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
 
@@ -59,19 +61,50 @@ def inflate_init(vae: AutoencoderKLWan) -> None:
             module.weight[:, :, :-1] = 0.0
 
 
+@contextlib.contextmanager
+def single_frame_convs() -> Iterator[None]:
+    """Run causal 3x3x3 convs on a lone, uncached frame as the 2-D conv they reduce to.
+
+    A lone first frame is padded with two zero frames in time, so only the newest temporal tap ever sees data:
+    conv2d with that tap gives the same output and gradients (the zero taps get zero gradient either way) in a
+    third of the work. Used for the single-frame phase of VAE training only; anything with a cache or more than
+    one frame takes the normal path.
+    """
+    original = WanCausalConv3d.forward
+
+    def forward(self: WanCausalConv3d, x: torch.Tensor, cache_x: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if (x.shape[2] == 1 and cache_x is None and self.stride == (1, 1, 1)
+                and self._padding[4] == self.kernel_size[0] - 1):
+            return F.conv2d(x[:, :, 0], self.weight[:, :, -1], self.bias,
+                            padding=(self._padding[2], self._padding[0])).unsqueeze(2)
+        return original(self, x, cache_x)
+
+    WanCausalConv3d.forward = forward
+    try:
+        yield
+    finally:
+        WanCausalConv3d.forward = original
+
+
 def load_frames(ds: ToyDataset) -> np.ndarray:
     """All training frames, uint8 [N, T, H, W, 3]."""
     return np.stack([clip.frames for clip in ds])
 
 
 def _crop_batch(frames: np.ndarray, g: torch.Generator, batch: int, length: int) -> torch.Tensor:
+    """Random clips of `length` frames, randomly mirrored and with their RGB channels randomly permuted.
+
+    The permutation multiplies the colour combinations the VAE sees by six: with a few hundred people, an
+    unaugmented VAE learns the palettes it saw and turns a held-out person's magenta background navy.
+    """
     n, t = frames.shape[:2]
     clips = torch.randint(n, (batch,), generator=g).tolist()
     starts = torch.randint(t - length + 1, (batch,), generator=g).tolist()
     flips = (torch.rand(batch, generator=g) < 0.5).tolist()
+    perms = [torch.randperm(3, generator=g).tolist() for _ in range(batch)]
     out = []
-    for c, s, flip in zip(clips, starts, flips):
-        x = frames[c, s:s + length]
+    for c, s, flip, perm in zip(clips, starts, flips, perms):
+        x = frames[c, s:s + length][..., perm]
         out.append(frames_to_pixels(x[:, :, ::-1] if flip else x)[0])
     return torch.stack(out)
 
@@ -93,7 +126,9 @@ def train_vae(vae: AutoencoderKLWan, frames: np.ndarray, recipe: VaeRecipe, log:
         g = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)  # per step: resumes reproduce
         if step < recipe.image_steps:
             p = step / max(1, recipe.image_steps)
-            lr = recipe.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
+            # Warm-up: without it the wider VAEs stall on a flat grey output for hundreds of steps.
+            warm = min(1.0, (step + 1) / max(1, recipe.warmup_steps))
+            lr = recipe.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
         else:
             p = (step - recipe.image_steps) / max(1, recipe.steady_steps)
             lr = recipe.steady_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
@@ -103,14 +138,15 @@ def train_vae(vae: AutoencoderKLWan, frames: np.ndarray, recipe: VaeRecipe, log:
             x = _crop_batch(frames, g, recipe.image_batch, 1)
             # Deterministic: the posterior mean is what StreamingVAE encodes with. (Sampling with the freshly
             # initialised unit variance drowns the latent in noise and stalls training at this size.)
-            z = vae.encode(x).latent_dist.mean
-            y = vae.decode(z).sample
+            with single_frame_convs():
+                z = vae.encode(x).latent_dist.mean
+                y = vae.decode(z).sample
         else:
             x = _crop_batch(frames, g, recipe.steady_batch, 1 + 4 * (recipe.steady_latents - 1))
             z, y, x = _steady_state_forward(vae, x, recipe.steady_grad_latents)
         rec = (y - x).abs().mean() + (y - x).pow(2).mean()
         kl = z.pow(2).mean()  # keeps the latent scale in check (the mean part of the KL)
-        loss = rec + recipe.kl_weight * kl
+        loss = rec + recipe.kl_weight * kl + recipe.colour_weight * _colour_loss(y, x)
         if not torch.isfinite(loss):
             raise TrainingError(f"VAE loss diverged at step {step}")
         opt.zero_grad(set_to_none=True)
