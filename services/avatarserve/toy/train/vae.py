@@ -3,9 +3,9 @@
 Same diffusers class and causal layout as Wan2.1's VAE (16 latent channels, temporal stride 4, spatial stride
 8, causal first frame), at a width that decodes a 64x64 block in a small fraction of its 0.48 s on a CPU.
 Initialised as a per-frame image autoencoder (`inflate_init`), trained on single frames, then on the steady
-state of long clips (`VaeRecipe`). Loss: L1 + MSE on pixels through the posterior mean, plus a small penalty
-on the latents' magnitude (the mean term of the KL). After
-training, the per-channel mean / std of the posterior means over the training clips become the config's
+state of long clips (`VaeRecipe`), with mirrored and RGB-permuted inputs. Loss: L1 + MSE on pixels through
+the posterior mean, L1 on 8x8-pooled colours, and a small penalty on the latents' magnitude (the mean term of
+the KL). After training, the per-channel mean / std of the posterior means over the training clips become the config's
 `latents_mean` / `latents_std`, so model-space latents (what the DiT sees) have unit scale per channel.
 """
 
