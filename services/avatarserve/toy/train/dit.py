@@ -28,8 +28,8 @@ is its x0 estimate at a random exit step (Self-Forcing: grad through the exit st
 - method "none": the stage-1 model itself is the 4-step student. Stage 1 puts a quarter of its blocks exactly
   on the sampler's 4 noise levels, so it already runs as a timestep-forcing sampler.
 
-Measured on 8 held-out 10 s clips (seeds 10**6..10**6+7; the shipped run, 1 CPU thread), none / dmd (200
-steps) / tf (200 steps): lip-sync corr 0.703 / 0.719 / 0.571 (ground truth 0.960), identity drift 0.20 / 0.47 /
+Measured on 8 held-out 10 s clips (seeds 10**6..10**6+7, 1 CPU thread) with a 2000-step stage-1 teacher (the
+shipped recipe now runs 3200), none / dmd (200 steps) / tf (200 steps): lip-sync corr 0.703 / 0.719 / 0.571 (ground truth 0.960), identity drift 0.20 / 0.47 /
 0.31, flicker 0.57 / 1.27 / 0.79. DMD's fake-real gap was still falling (0.24 -> 0.13) when its budget ended: at
 this scale and budget it had not converged; it lip-syncs slightly better but doubles flicker and identity drift,
 so the stage-1 model is what ships (`Stage2Recipe.method`).

@@ -60,7 +60,7 @@ class VaeRecipe:
 class Stage1Recipe:
     """Diffusion forcing: block-causal windowed attention, an independent noise level per block."""
 
-    steps: int = 2000
+    steps: int = 3200
     batch: int = 8
     blocks: int = 6  # blocks per training window (> window_blocks, so the window limit is exercised)
     lr: float = 4e-4

@@ -175,6 +175,10 @@ def run(work_dir: Path, out_dir: Optional[Path], recipe: TrainRecipe, preset: Pr
             # The VAE ships in half precision too (it is loaded back as float32).
             StreamingVAE(vae.vae.to(weights_dtype)).vae.save_pretrained(out_dir / "vae", safe_serialization=True)
             vae.vae.to(torch.float32)
+            # diffusers records the folder it loaded from: a path on the training machine, not part of the model.
+            vae_config = json.loads((out_dir / "vae" / "config.json").read_text())
+            vae_config.pop("_name_or_path", None)
+            write_json(out_dir / "vae" / "config.json", vae_config)
             write_json(out_dir / "train_recipe.json", {"recipe": recipe.to_dict(), "stage2_method": method,
                                                        "weights_dtype": str(weights_dtype)})
         timed("export", do_export)
