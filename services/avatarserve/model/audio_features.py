@@ -151,6 +151,39 @@ class AudioStreamState:
         return self.buffer.size / SAMPLE_RATE
 
 
+# Buffer mechanics shared by every front end that streams from an AudioStreamState (wav2vec2 here, log-mel in
+# model/logmel.py): what differs between them is only which samples a block's features need.
+
+
+def push_pcm(state: AudioStreamState, pcm: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
+    """Append float32 mono samples (rejected whole if invalid or if the buffer would overflow)."""
+    pcm = _check_pcm(pcm)
+    if state.buffer.size + pcm.size > state.max_buffer_samples:
+        raise AudioBufferOverflowError(
+            f"pushing {pcm.size} samples would buffer {(state.buffer.size + pcm.size) / sample_rate:.2f} s "
+            f"of audio; the limit is {state.max_buffer_samples / sample_rate:.2f} s (consume blocks first)")
+    state.buffer = np.concatenate([state.buffer, pcm])
+
+
+def span_rms(state: AudioStreamState, block_index: int, start: int, end: int) -> float:
+    """RMS of global samples [start, end) of block `block_index` (e.g. to tell silence from speech)."""
+    if state.total_samples < end:
+        raise AudioNotReadyError(f"block {block_index} needs audio up to sample {end}; "
+                                 f"only {state.total_samples} arrived")
+    if start < state.buffer_start:
+        raise AudioWindowError(f"audio for block {block_index} was already released")
+    seg = state.buffer[start - state.buffer_start: end - state.buffer_start].astype(np.float64)
+    return float(np.sqrt(np.mean(seg * seg)))
+
+
+def release_before(state: AudioStreamState, keep_from: int) -> None:
+    """Drop buffered samples before global sample `keep_from`."""
+    drop = keep_from - state.buffer_start
+    if drop > 0:
+        state.buffer = state.buffer[drop:].copy()
+        state.buffer_start = keep_from
+
+
 # --------------------------------------------------------------------------------------------------
 # Extractor
 # --------------------------------------------------------------------------------------------------
@@ -260,12 +293,7 @@ class AudioFeatureExtractor:
 
     def push(self, state: AudioStreamState, pcm: np.ndarray) -> None:
         """Append float32 mono 16 kHz samples to the stream (rejected whole if invalid or too much)."""
-        pcm = _check_pcm(pcm)
-        if state.buffer.size + pcm.size > state.max_buffer_samples:
-            raise AudioBufferOverflowError(
-                f"pushing {pcm.size} samples would buffer {(state.buffer.size + pcm.size) / SAMPLE_RATE:.2f} s "
-                f"of audio; the limit is {state.max_buffer_samples / SAMPLE_RATE:.2f} s (consume blocks first)")
-        state.buffer = np.concatenate([state.buffer, pcm])
+        push_pcm(state, pcm)
 
     def blocks_ready(self, state: AudioStreamState, frames_per_block: int = DEFAULT_FRAMES_PER_BLOCK) -> int:
         """Number of blocks, counted from block 0, whose audio has fully arrived."""
@@ -314,13 +342,7 @@ class AudioFeatureExtractor:
             raise AudioFormatError(f"block_index must be an int >= 0, got {block_index!r}")
         start = self.samples_for_frames(block_index * frames_per_block)
         end = self.samples_for_frames((block_index + 1) * frames_per_block)
-        if state.total_samples < end:
-            raise AudioNotReadyError(f"block {block_index} needs audio up to sample {end}; "
-                                     f"only {state.total_samples} arrived")
-        if start < state.buffer_start:
-            raise AudioWindowError(f"audio for block {block_index} was already released")
-        seg = state.buffer[start - state.buffer_start: end - state.buffer_start].astype(np.float64)
-        return float(np.sqrt(np.mean(seg * seg)))
+        return span_rms(state, block_index, start, end)
 
     def _sample_frames(self, h: torch.Tensor, frames: np.ndarray, first_feature: int) -> torch.Tensor:
         # Video frame -> upstream 30 Hz step -> 50 Hz position with the long-file align_corners ratio.
@@ -337,10 +359,7 @@ class AudioFeatureExtractor:
     def _release(self, state: AudioStreamState, block_index: int, frames_per_block: int) -> None:
         state.min_block = max(state.min_block, block_index)
         keep_from, _ = self._window(state, state.min_block, frames_per_block)
-        drop = keep_from - state.buffer_start
-        if drop > 0:
-            state.buffer = state.buffer[drop:].copy()
-            state.buffer_start = keep_from
+        release_before(state, keep_from)
 
     # ---- construction ----------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Union
 
@@ -44,12 +44,15 @@ import numpy as np
 import torch
 
 from .audio_features import (
-    AudioBufferOverflowError,
     AudioFormatError,
     AudioModelError,
     AudioNotReadyError,
+    AudioStreamState,
     AudioWindowError,
     _check_pcm,
+    push_pcm,
+    release_before,
+    span_rms,
 )
 
 CONFIG_NAME = "config.json"
@@ -144,20 +147,6 @@ def mel_filterbank(cfg: LogMelConfig) -> np.ndarray:
     return fb
 
 
-@dataclass
-class LogMelStreamState:
-    """Audio of one session: recent samples (bounded left context + unconsumed audio) and the cursor."""
-
-    max_buffer_samples: int
-    buffer: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
-    buffer_start: int = 0  # global index of buffer[0]
-    min_block: int = 0  # blocks below this were consumed; their audio may be gone
-
-    @property
-    def total_samples(self) -> int:
-        return self.buffer_start + int(self.buffer.size)
-
-
 class LogMelFrontEnd:
     """Fixed log-mel features, one [C] vector per video frame, returned as [1, C, frames]."""
 
@@ -235,25 +224,22 @@ class LogMelFrontEnd:
         return self._features(x, 0, 0, num_frames)
 
     # ---- streaming ---------------------------------------------------------------------------------------------
-    def new_stream_state(self, max_ahead_s: float = 30.0) -> LogMelStreamState:
+    def new_stream_state(self, max_ahead_s: float = 30.0) -> AudioStreamState:
         """A fresh stream. Memory stays below the left context + one block + `max_ahead_s` of audio."""
         if not (isinstance(max_ahead_s, (int, float)) and math.isfinite(max_ahead_s) and max_ahead_s > 0):
             raise AudioFormatError(f"max_ahead_s must be a finite number > 0, got {max_ahead_s!r}")
-        return LogMelStreamState(max_buffer_samples=self.config.left_context + int(round(max_ahead_s * self.config.sample_rate)))
+        ctx = self.config.left_context
+        return AudioStreamState(left_context_samples=ctx,
+                                max_buffer_samples=ctx + int(round(max_ahead_s * self.config.sample_rate)))
 
-    def push(self, state: LogMelStreamState, pcm: np.ndarray) -> None:
+    def push(self, state: AudioStreamState, pcm: np.ndarray) -> None:
         """Append float32 mono PCM (rejected whole if invalid or if it would overflow the buffer)."""
-        pcm = _check_pcm(pcm)
-        if state.buffer.size + pcm.size > state.max_buffer_samples:
-            raise AudioBufferOverflowError(
-                f"pushing {pcm.size} samples would buffer {(state.buffer.size + pcm.size) / self.config.sample_rate:.2f} s "
-                f"of audio; the limit is {state.max_buffer_samples / self.config.sample_rate:.2f} s (consume blocks first)")
-        state.buffer = np.concatenate([state.buffer, pcm])
+        push_pcm(state, pcm, self.config.sample_rate)
 
-    def blocks_ready(self, state: LogMelStreamState, frames_per_block: int = 12) -> int:
+    def blocks_ready(self, state: AudioStreamState, frames_per_block: int = 12) -> int:
         return state.total_samples // self.samples_for_frames(frames_per_block)
 
-    def _check_block(self, state: LogMelStreamState, block_index: int, frames_per_block: int) -> None:
+    def _check_block(self, state: AudioStreamState, block_index: int, frames_per_block: int) -> None:
         if isinstance(block_index, bool) or not isinstance(block_index, int) or block_index < 0:
             raise AudioFormatError(f"block_index must be an int >= 0, got {block_index!r}")
         if isinstance(frames_per_block, bool) or not isinstance(frames_per_block, int) or frames_per_block < 1:
@@ -263,7 +249,7 @@ class LogMelFrontEnd:
             raise AudioNotReadyError(
                 f"block {block_index} needs audio up to sample {end}; only {state.total_samples} arrived")
 
-    def block_features(self, state: LogMelStreamState, block_index: int, frames_per_block: int = 12) -> torch.Tensor:
+    def block_features(self, state: AudioStreamState, block_index: int, frames_per_block: int = 12) -> torch.Tensor:
         """Features [1, C, frames_per_block] of block b from audio up to the block's last sample. Asking for
         block b releases the audio that only blocks < b needed."""
         self._check_block(state, block_index, frames_per_block)
@@ -279,23 +265,15 @@ class LogMelFrontEnd:
         self._release(state, block_index, frames_per_block)
         return feats
 
-    def block_rms(self, state: LogMelStreamState, block_index: int, frames_per_block: int = 12) -> float:
+    def block_rms(self, state: AudioStreamState, block_index: int, frames_per_block: int = 12) -> float:
         """RMS of block b's own samples (silence detection); releases nothing."""
         self._check_block(state, block_index, frames_per_block)
         start = self.samples_for_frames(block_index * frames_per_block)
-        end = self.samples_for_frames((block_index + 1) * frames_per_block)
-        if start < state.buffer_start:
-            raise AudioWindowError(f"audio for block {block_index} was already released")
-        seg = state.buffer[start - state.buffer_start: end - state.buffer_start].astype(np.float64)
-        return float(np.sqrt(np.mean(seg * seg)))
+        return span_rms(state, block_index, start, self.samples_for_frames((block_index + 1) * frames_per_block))
 
-    def _release(self, state: LogMelStreamState, block_index: int, frames_per_block: int) -> None:
+    def _release(self, state: AudioStreamState, block_index: int, frames_per_block: int) -> None:
         state.min_block = max(state.min_block, block_index)
-        keep_from = max(0, self.samples_for_frames(state.min_block * frames_per_block) - self.config.left_context)
-        drop = keep_from - state.buffer_start
-        if drop > 0:
-            state.buffer = state.buffer[drop:].copy()
-            state.buffer_start = keep_from
+        release_before(state, max(0, self.samples_for_frames(state.min_block * frames_per_block) - self.config.left_context))
 
     # ---- persistence -------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: PathLike) -> Path:
