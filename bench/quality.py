@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from avatarserve import quality
-from avatarserve.toy import ToyWorldError, make_clip, make_stream
+from avatarserve.toy import ToyWorldError, make_clip
 from avatarserve.model.checkpoint import CheckpointError
 from avatarserve.model.config import ConfigError
 from avatarserve.toy.dataset import HELDOUT_SEED_START, split_of
@@ -93,28 +93,12 @@ def ground_truth(
         "evaluation_x_realtime": round(num_clips * seconds / max(eval_s, 1e-9), 1),
     }
     if stream_seconds > 0:
-        out["stream"] = ground_truth_stream(first_seed + num_clips, stream_seconds, size, max_offset)
+        from avatarserve.toy.train.evaluate import ground_truth_stream  # torch-heavy: only when asked
+
+        t0 = time.perf_counter()
+        out["stream"] = ground_truth_stream(stream_seconds, first_seed + num_clips, size, max_offset)
+        out["stream"]["wall_s"] = round(time.perf_counter() - t0, 3)
     return out
-
-
-def ground_truth_stream(seed: int, seconds: float, size: int, max_offset: int) -> Dict[str, Any]:
-    """One long held-out stream, generated and evaluated chunk by chunk (constant memory)."""
-    t0 = time.perf_counter()
-    stream = make_stream(seed, seconds, size=size)
-    acc = quality.QualityAccumulator(stream.reference_image)
-    for chunk in stream:
-        acc.update(chunk.frames, chunk.audio)
-    result = acc.result(max_offset=max_offset)
-    return {
-        "seed": seed,
-        "seconds": result["seconds"],
-        "lipsync_corr": result["lipsync_corr"],
-        "best_offset_frames": result["best_offset_frames"],
-        "identity_drift_10s": result["identity_drift_first"],
-        "identity_drift_last_10s": result["identity_drift_last"],
-        "flicker": result["flicker"],
-        "wall_s": round(time.perf_counter() - t0, 3),
-    }
 
 
 def video_file(path: str, reference: str, max_offset: int) -> Dict[str, Any]:

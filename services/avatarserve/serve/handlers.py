@@ -150,7 +150,6 @@ class AudioEncoderHandler(_EngineHandler):
                           tensors={"audio": payload.audio.numpy()})]
 
 
-
 class DenoiseStageHandler(_EngineHandler):
     components = ("transformer",)
 
@@ -264,7 +263,6 @@ class VaeDecoderHandler(_EngineHandler):
         meta.update(num_frames=str(self.stream.frames_per_block), width=str(self.stream.width),
                     height=str(self.stream.height))
         return [BlockItem(block_index=item.block_index, pts_ms=item.pts_ms, metadata=meta, tensors=tensors)]
-
 
 
 # Factories for serve/pipeline_app.py's StageSpec.handler ("module:callable").

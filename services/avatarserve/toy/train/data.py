@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ...model.logmel import LogMelFrontEnd
+from ...model.rope import sink_temporal_index
 from ...model.vae import StreamingVAE
 from ..dataset import MANIFEST, ToyDataset, write_dataset
 from .errors import TrainingError
@@ -178,8 +179,7 @@ def sample_batch(data: DitData, g: torch.Generator, batch: int, blocks: int, fra
     else:
         first = int(torch.randint(max_first_block + 1, (1,), generator=g))
     d = int(torch.randint(sink_distance[0], sink_distance[1] + 1, (1,), generator=g))
-    last_frame = (first + blocks - 1) * f
-    sink_index = sink_base + max(0, last_frame - (sink_base - d))
+    sink_index = sink_temporal_index(sink_base, (first + blocks - 1) * f, d)  # relative to the last block
     return Batch(x0=x0, audio=audio, reference=reference, motion=motion, text=text, first_block=first,
                  sink_index=sink_index)
 
