@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test command: set up the machine (idempotent), then run the whole suite.
+# The test command: set up the machine and the project's .venv (idempotent), then run the whole suite from .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec ${PYTHON:-python3} -m pytest -q -ra "$@"
+VENV=${AVATARSERVE_VENV:-.venv}
+exec "$VENV/bin/python" -m pytest -q -ra "$@"

@@ -40,8 +40,8 @@ def scale_app(serve_instance, redis_server):
                            "max_replicas": {"audio": 2, "denoise": 3, "vae": 1},
                            "headroom_fraction": 0.0, "headroom_sessions": 0, "hysteresis": 0.0,
                            "downscale_stable_s": 3.0, "metrics_interval_s": 0.5, "look_back_period_s": 2.0},
-           "admission_wait_s": 120.0, "drain_timeout_s": 90.0, "heartbeat_s": 0.5, "ops": {"enabled": False}}
-    deploy(cfg, timeout_s=300)
+           "timeouts": {"admission_wait_s": 120.0, "session_drain_s": 90.0, "heartbeat_s": 0.5}, "ops": {"enabled": False}}
+    deploy(cfg)
     yield {"grpc": serve_instance.grpc_address, "redis_url": redis_server.url}
     serve.delete(APP)
 

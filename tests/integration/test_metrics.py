@@ -69,10 +69,10 @@ def metrics_app(serve_instance, redis_server):
            "autoscaling": {"enabled": True, "min_replicas": {"audio": 1, "denoise": 1, "vae": 1},
                            "max_replicas": {"audio": 1, "denoise": 1, "vae": 1}, "metrics_interval_s": 0.5,
                            "look_back_period_s": 2.0},
-           "admission_wait_s": 60.0, "retry_after_ms": 1500, "late_after_s": 0.0, "fps_window_s": 2.0,
-           "fps_sample_s": 0.5, "heartbeat_s": 0.5,
+           "timeouts": {"admission_wait_s": 60.0, "heartbeat_s": 0.5}, "retry_after_ms": 1500, "late_after_s": 0.0, "fps_window_s": 2.0,
+           "fps_sample_s": 0.5,
            "ops": {"enabled": True, "sample_interval_s": 1.0, "window_s": 20.0, "title": "AvatarServe test cluster"}}
-    deploy(cfg, timeout_s=300)
+    deploy(cfg)
     yield {"grpc": serve_instance.grpc_address, "http": serve_instance.http_address}
     serve.delete(APP)
 

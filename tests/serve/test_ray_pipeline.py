@@ -7,6 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
+from avatarserve.serve.config import TimeoutsConfig
 from avatarserve.serve.pipeline_app import PipelineAppConfig, StageSpec, build_pipeline_app
 from avatarserve.serve.registry import ReplicaRegistry, RouteHop
 from avatarserve.serve.transport import BlockItem, PipelineClient, WireTensor
@@ -25,8 +26,7 @@ def test_synthetic_chain_streams_through_ray_serve(serve_instance, redis_server:
         stages=[StageSpec(name, handler_config={"hold_ms": 10}, num_cpus=0.05, capacity=4) for name in STAGES],
         redis_url=redis_server.url,
         namespace=redis_namespace,
-        heartbeat_s=0.5,
-        ttl_s=3.0,
+        timeouts=TimeoutsConfig(heartbeat_s=0.5, registry_ttl_s=3.0),
         name="tpp-test",
     )
     handle = serve.run(build_pipeline_app(config), name="tpp-test", route_prefix=None)
@@ -40,7 +40,7 @@ def test_synthetic_chain_streams_through_ray_serve(serve_instance, redis_server:
             async with ReplicaRegistry.from_url(redis_server.url, namespace=redis_namespace, ttl_s=3.0) as reg:
                 picks = [await reg.pick_least_loaded(name) for name in STAGES]
                 route = [RouteHop(p.deployment, p.replica_id, p.address) for p in picks]
-                await reg.record_route("ray-s1", route)
+                await reg.record_route("ray-s1", route, ttl_s=60)
                 async with PipelineClient() as client:
                     session = await client.open("ray-s1", [h.address for h in route])
                     items = []

@@ -87,7 +87,7 @@ async def test_heartbeat_keeps_replica_alive_and_deregisters(redis_server: Redis
 
 async def test_routes_are_recorded_and_removed(registry: ReplicaRegistry, redis_server: RedisServer, redis_namespace: str) -> None:
     hops = [RouteHop("AudioEncoder", "a1", "10.0.0.1:4000"), RouteHop("DenoiseStage0", "d1", "10.0.0.2:4001")]
-    await registry.record_route("sess-1", hops)
+    await registry.record_route("sess-1", hops, ttl_s=60)
     assert await registry.get_route("sess-1") == hops
     raw = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
@@ -101,7 +101,7 @@ async def test_routes_are_recorded_and_removed(registry: ReplicaRegistry, redis_
     assert await registry.get_route("sess-1") is None
     assert await registry.remove_route("sess-1") is False
     with pytest.raises(RegistryError, match="no hops"):
-        await registry.record_route("sess-2", [])
+        await registry.record_route("sess-2", [], ttl_s=60)
 
 
 def test_replica_info_validation() -> None:

@@ -419,3 +419,39 @@ async def test_background_host_runs_on_its_own_thread() -> None:
     finally:
         await asyncio.to_thread(bg.stop)
     assert not bg.alive
+
+
+async def test_background_host_serves_before_its_handler_is_loaded() -> None:
+    """Starting has two phases: the server listens at once; the handler loads with no time limit, and until it is
+    attached every Pipe is answered UNAVAILABLE (a loading replica is not a failed one)."""
+    import threading
+
+    from avatarserve.serve.stage_host import BackgroundStageHost, StageHostConfig
+    from avatarserve.serve.synthetic import SyntheticStage
+
+    loading, release = threading.Event(), threading.Event()
+
+    def slow_factory() -> SyntheticStage:
+        loading.set()
+        release.wait()  # stands for a model load of any length
+        return SyntheticStage(0.0, name="slow")
+
+    bg = BackgroundStageHost(slow_factory, StageHostConfig(name="slow"))
+    address = await asyncio.to_thread(bg.start_server, 60.0)
+    loader = asyncio.get_running_loop().run_in_executor(None, bg.load_handler)
+    try:
+        await asyncio.to_thread(loading.wait)
+        assert bg.alive and not bg.loaded
+        async with PipelineClient() as client:
+            with pytest.raises(PipelineError) as err:
+                await client.open("s-early", [address])
+            assert err.value.code == ErrorCode.UNAVAILABLE and "still loading" in err.value.message
+            release.set()
+            await loader
+            assert bg.loaded
+            session = await client.open("s-late", [address])
+            items = await run_session(session, [block(i, latent(6)) for i in range(2)])
+        assert [it.metadata["trace"] for it in items] == ["slow"] * 2
+    finally:
+        release.set()
+        await asyncio.to_thread(bg.stop)

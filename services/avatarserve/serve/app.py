@@ -16,9 +16,11 @@ with two applications, gRPC clients would have to send `application` metadata on
 Autoscaling config (`cfg["autoscaling"]`, see deploy/local.yaml): `enabled`, per-role `min_replicas`/`max_replicas`/
 `initial_replicas` (roles: audio, denoise, vae), the policy's `headroom_fraction`, `headroom_sessions`, `hysteresis`,
 `downscale_stable_s`, `scale_to_zero`, `scale_to_zero_after_s`, and Serve's metric cadence `metrics_interval_s` /
-`look_back_period_s`. Per-replica session capacity per role is `cfg["capacity"]`. `drain_timeout_s` is how long a
-stopping stage replica waits for its live sessions; the stage deployments' `graceful_shutdown_timeout_s` is derived
-from it (a session longer than that is cut on scale-down: size it to the longest session you promise).
+`look_back_period_s`. Per-replica session capacity per role is `cfg["capacity"]`. Timeouts and lifetimes are
+`cfg["timeouts"]` (serve/config.py); `timeouts.session_drain_s` is how long a stopping stage replica waits for its
+live sessions, and the stage deployments' `graceful_shutdown_timeout_s` is derived from it (a session longer than
+that is cut on scale-down: size it to the longest session you promise). `cfg["handlers"]` optionally replaces a
+role's handler factory ("module:callable"; roles audio, denoise, vae).
 """
 
 from __future__ import annotations
@@ -26,15 +28,17 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from ray import serve
 from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, gRPCOptions, HTTPOptions
 
 from ..model.config import get_preset
+from .config import ConfigError, TimeoutsConfig, check_moved_keys
 from .dashboard import OpsDashboard
 from .gateway import Gateway
 from .pipeline_app import PipelineAppConfig, StageReplica, StageSpec, shutdown_budget_s
+from .ray_compat import deploy_apps
 
 AVATAR_SERVICER = "avatarserve.v1.avatar_service_pb2_grpc.add_AvatarServiceServicer_to_server"
 HEALTH_SERVICER = "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"
@@ -46,7 +50,7 @@ APP_BUILDER = "avatarserve.serve.app:build_app"
 ROLES = ("audio", "denoise", "vae")
 
 
-class AppConfigError(ValueError):
+class AppConfigError(ConfigError):
     """Invalid application config."""
 
 
@@ -162,6 +166,7 @@ class AutoscalingSettings:
 
 def _plan(cfg: Mapping[str, Any]) -> tuple:
     """Stage specs (with roles) and shared settings derived from the config."""
+    check_moved_keys(cfg)
     model = dict(cfg.get("model") or {"config": "tiny"})
     preset = get_preset(model.get("config", "tiny"))
     stream = preset.stream.replace(**(model.get("stream_overrides") or {}))
@@ -170,13 +175,21 @@ def _plan(cfg: Mapping[str, Any]) -> tuple:
     resources = {**DEFAULT_RESOURCES, **(cfg.get("resources") or {})}
     replicas = cfg.get("replicas") or {}
     capacity = cfg.get("capacity") or {}
+    timeouts = TimeoutsConfig.parse(cfg.get("timeouts"))
+    handlers = dict(cfg.get("handlers") or {})
+    unknown = set(handlers) - set(ROLES)
+    if unknown:
+        raise AppConfigError(f"app.handlers: unknown roles {sorted(unknown)}; roles are {list(ROLES)}")
     base = {"model": model, "redis_url": redis_url, "namespace": namespace,
             "torch_threads": int(cfg.get("torch_threads", 1))}
     specs: List[tuple] = []
 
     def spec(dep: str, role: str, factory: str, **extra: Any) -> tuple:
         r = resources[role]
-        return role, StageSpec(deployment=dep, handler=f"{HANDLERS}:{factory}", handler_config=_stage_config(base, dep, **extra),
+        if role == "denoise":
+            extra.setdefault("aas_wait_s", timeouts.for_deployment(dep).aas_wait_s)
+        return role, StageSpec(deployment=dep, handler=handlers.get(role, f"{HANDLERS}:{factory}"),
+                               handler_config=_stage_config(base, dep, **extra),
                                num_replicas=int(replicas.get(role, 1)), num_cpus=float(r.get("num_cpus", 0.1)),
                                num_gpus=float(r.get("num_gpus", 0)), capacity=int(capacity.get(role, 8)),
                                queue_size=int(cfg.get("queue_size", 2)))
@@ -185,6 +198,10 @@ def _plan(cfg: Mapping[str, Any]) -> tuple:
     for k in range(stream.num_steps):
         specs.append(spec(f"DenoiseStage{k}", "denoise", "denoise_stage", step=k))
     specs.append(spec("VaeDecoder", "vae", "vae_decoder"))
+    try:
+        timeouts.check_deployments([s.deployment for _, s in specs])
+    except ConfigError as exc:
+        raise AppConfigError(f"app.{exc}") from exc
     return model, stream, resources, specs
 
 
@@ -205,12 +222,10 @@ def build_app(cfg: Mapping[str, Any]):
     namespace = cfg.get("namespace", "avatarserve:")
     replicas = cfg.get("replicas") or {}
     auto = AutoscalingSettings.from_config(cfg)
-    drain_timeout_s = float(cfg.get("drain_timeout_s", 60))
+    timeouts = TimeoutsConfig.parse(cfg.get("timeouts"))
     specs = [s for _, s in role_specs]
     pipeline = PipelineAppConfig(stages=specs, redis_url=redis_url, namespace=cfg.get("registry_namespace", ""),
-                                 heartbeat_s=float(cfg.get("heartbeat_s", 1.0)), ttl_s=float(cfg.get("registry_ttl_s", 5.0)),
-                                 drain_timeout_s=drain_timeout_s,
-                                 reservation_ttl_s=float(cfg.get("reservation_ttl_s", 60.0)))
+                                 timeouts=timeouts)
     common = pipeline.common()
     fallback = policy_kwargs(cfg) if auto.enabled else None
 
@@ -226,7 +241,8 @@ def build_app(cfg: Mapping[str, Any]):
     for role, s in role_specs:
         options: Dict[str, Any] = dict(
             name=s.deployment, ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
-            graceful_shutdown_timeout_s=float(cfg.get("graceful_shutdown_timeout_s", shutdown_budget_s(drain_timeout_s))),
+            graceful_shutdown_timeout_s=float(cfg.get("graceful_shutdown_timeout_s", shutdown_budget_s(
+                timeouts.for_deployment(s.deployment).session_drain_s))),
             health_check_period_s=5)
         if auto.enabled:
             options.update(num_replicas="auto", autoscaling_config=scaling(
@@ -244,15 +260,14 @@ def build_app(cfg: Mapping[str, Any]):
               "max_in_flight": int(cfg.get("max_in_flight", len(specs) + 2)),
               "queue_size": int(cfg.get("queue_size", 2)), "retry_after_ms": int(cfg.get("retry_after_ms", 2000)),
               "autoscaling": auto.enabled, "max_replicas": max_replicas, "min_replicas": min_replicas,
-              "admission_wait_s": float(cfg.get("admission_wait_s", 10.0)),
-              "reservation_ttl_s": float(cfg.get("reservation_ttl_s", 60.0)),
+              "timeouts": timeouts.model_dump(),
               "late_after_s": float(cfg.get("late_after_s", 3.0)), "fps_window_s": float(cfg.get("fps_window_s", 5.0)),
               "fps_sample_s": float(cfg.get("fps_sample_s", 1.0))}
     n_gw = int(replicas.get("gateway", 1))
     gw_options: Dict[str, Any] = dict(
         name="Gateway", ray_actor_options=dict(resources["gateway"]), max_ongoing_requests=int(cfg.get("gateway_max_ongoing", 256)),
         # A gateway replica carries whole streams: let them end before it goes away.
-        graceful_shutdown_timeout_s=float(cfg.get("graceful_shutdown_timeout_s", shutdown_budget_s(drain_timeout_s))))
+        graceful_shutdown_timeout_s=float(cfg.get("graceful_shutdown_timeout_s", shutdown_budget_s(timeouts.session_drain_s))))
     if auto.enabled:
         # Fixed size (the policy leaves it alone), but autoscaling-enabled so that Serve collects its custom metric
         # (waiting_sessions), which the application-level policy reads.
@@ -277,8 +292,9 @@ def serve_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     """Declarative Serve config (`ServeDeploySchema` as a dict) for this app config, with the application-level
     autoscaling policy when autoscaling is enabled."""
     cfg = dict(cfg)
+    _plan(cfg)  # validates the whole config before anything is deployed
     name = cfg.get("name", "avatarserve")
-    args = {k: v for k, v in cfg.items() if k not in ("name", "route_prefix", "startup_timeout_s")}
+    args = {k: v for k, v in cfg.items() if k not in ("name", "route_prefix")}
     app: Dict[str, Any] = {"name": name, "route_prefix": cfg.get("route_prefix", "/avatarserve"),
                            "import_path": APP_BUILDER, "args": args}
     if AutoscalingSettings.from_config(cfg).enabled:
@@ -286,31 +302,105 @@ def serve_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     return {"applications": [app]}
 
 
-def deploy(cfg: Mapping[str, Any], *, timeout_s: float = 300.0) -> Dict[str, Any]:
+@dataclass(frozen=True)
+class DeploymentProgress:
+    """One deployment while the application deploys: Serve's view plus what each replica reports (serve/startup.py)."""
+
+    name: str
+    status: str
+    running: int
+    replica_states: Dict[str, int]
+    message: str
+    replicas: tuple  # StartupRecord, one per replica that has reported
+
+    @property
+    def total(self) -> int:
+        return sum(n for state, n in self.replica_states.items() if state not in ("STOPPING", "STOPPED"))
+
+
+def deployment_progress(app_name: str, startup_client: Any = None, namespace: str = "") -> List[DeploymentProgress]:
+    """Snapshot of every deployment of `app_name` (Serve status + startup records, when a Redis client is given)."""
+    from .startup import read_startup_records
+
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        return []
+    records: Dict[str, list] = {}
+    if startup_client is not None:
+        try:
+            for rec in read_startup_records(startup_client, namespace):
+                records.setdefault(rec.deployment, []).append(rec)
+        except Exception:  # noqa: BLE001 - progress is best effort; Serve's status still decides
+            pass
+    out = []
+    for name, dep in app.deployments.items():
+        states = {str(getattr(k, "value", k)): int(v) for k, v in dep.replica_states.items()}
+        out.append(DeploymentProgress(name=name, status=str(getattr(dep.status, "value", dep.status)),
+                                      running=states.get("RUNNING", 0), replica_states=states,
+                                      message=str(dep.message or ""), replicas=tuple(records.get(name, ()))))
+    return out
+
+
+def _failure_report(app_name: str, serve_message: str, progress: List[DeploymentProgress]) -> str:
+    failed = [r for p in progress for r in p.replicas if r.phase == "failed"]
+    lines = [f"Serve application {app_name!r} failed to deploy."]
+    for r in failed:
+        lines.append(f"  replica {r.deployment}#{r.replica_id} failed: {r.error}"
+                     + (f"\n    log: {r.log_file}" if r.log_file else ""))
+    if not failed:
+        for p in progress:
+            if p.status == "DEPLOY_FAILED" or "fail" in p.message.lower():
+                lines.append(f"  {p.name}: {p.message.strip().splitlines()[-1] if p.message.strip() else p.status}")
+    tail = "\n".join(serve_message.strip().splitlines()[-6:])
+    if tail:
+        lines.append("  Serve says: " + tail.replace("\n", "\n    "))
+    return "\n".join(lines)
+
+
+def deploy(cfg: Mapping[str, Any], *, timeout_s: Optional[float] = None,
+           on_progress: Optional[Callable[[List[DeploymentProgress]], None]] = None) -> Dict[str, Any]:
     """Deploy `serve_config(cfg)` on the running Serve instance (started with `serve.start`) and wait until every
-    application is RUNNING. Returns the config that was applied."""
-    from ray.serve.context import _get_global_client
+    application is RUNNING (`wait_running`). Returns the config that was applied."""
     from ray.serve.schema import ServeDeploySchema
 
     config = serve_config(cfg)
     schema = ServeDeploySchema.model_validate(config)
-    # The public entry points of the declarative path are the CLI and the dashboard REST API (`serve deploy`); both
-    # end in this controller call, which we make directly so that tests and the launcher need no dashboard.
-    _get_global_client().deploy_apps(schema)
-    names = [a["name"] for a in config["applications"]]
-    deadline = time.time() + timeout_s
+    deploy_apps(schema)
+    wait_running([a["name"] for a in config["applications"]], cfg["redis_url"], cfg.get("registry_namespace", ""),
+                 timeout_s=timeout_s, on_progress=on_progress)
+    return config
+
+
+def wait_running(app_names: List[str], redis_url: str, registry_namespace: str = "", *,
+                 timeout_s: Optional[float] = None,
+                 on_progress: Optional[Callable[[List[DeploymentProgress]], None]] = None,
+                 poll_s: float = 0.5) -> None:
+    """Wait until every application in `app_names` is RUNNING.
+
+    No time limit by default (`timeouts.deploy_s`): replicas that load a model are slow, not failing. When Serve gives
+    up on an application, raises `AppConfigError` naming the failed replica, its exception and its log file (from the
+    replicas' startup records in Redis). `on_progress` receives a `DeploymentProgress` list at every poll."""
+    import redis as redis_sync
+
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    startup_client = redis_sync.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=5)
     last: Dict[str, Any] = {}
-    while time.time() < deadline:
-        apps = serve.status().applications
-        last = {n: (str(apps[n].status) if n in apps else "MISSING") for n in names}
-        failed = [n for n in names if n in apps and str(apps[n].status).endswith("DEPLOY_FAILED")]
-        if failed:
-            raise AppConfigError(f"Serve application(s) {failed} failed to deploy: "
-                                 + "; ".join(str(apps[n].message) for n in failed))
-        if all(v.endswith("RUNNING") for v in last.values()):
-            return config
-        time.sleep(0.5)
-    raise TimeoutError(f"Serve applications not RUNNING after {timeout_s:.0f} s: {last}")
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            apps = serve.status().applications
+            last = {n: (str(apps[n].status) if n in apps else "MISSING") for n in app_names}
+            progress = [p for n in app_names for p in deployment_progress(n, startup_client, registry_namespace)]
+            if on_progress is not None:
+                on_progress(progress)
+            failed = [n for n in app_names if n in apps and str(apps[n].status).endswith("DEPLOY_FAILED")]
+            if failed:
+                raise AppConfigError("\n".join(_failure_report(n, str(apps[n].message), progress) for n in failed))
+            if all(v.endswith("RUNNING") for v in last.values()):
+                return
+            time.sleep(poll_s)
+    finally:
+        startup_client.close()
+    raise TimeoutError(f"Serve applications not RUNNING after {timeout_s:.0f} s (timeouts.deploy_s): {last}")
 
 
 class GatewayDeployment(Gateway):

@@ -39,7 +39,9 @@ from avatarserve.v1 import avatar_service_pb2 as pb
 
 from ..model.config import ConfigError, get_preset
 from .autoscale import WAITING_SESSIONS_METRIC
+from .config import TimeoutsConfig
 from .metrics import GatewayMetrics, SessionMeter
+from .ray_compat import in_serve_replica
 from .registry import NoReplicaAvailableError, ReplicaRegistry, RouteHop
 from .sink_store import SinkFrameStore, sink_from_bytes
 from .stream_controller import StreamAbort, StreamController, StreamSettings
@@ -87,13 +89,14 @@ class Gateway:
         self.vae = vae_handle
         self.max_in_flight = int(self.config.get("max_in_flight", len(self.deployments) + 2))
         self.retry_after_ms = int(self.config.get("retry_after_ms", 2000))
-        self.session_ttl_s = float(self.config.get("session_ttl_s", 3600))
-        self.reservation_ttl_s = float(self.config.get("reservation_ttl_s", 60))
+        self.timeouts = TimeoutsConfig.parse(self.config.get("timeouts"))
+        self.session_ttl_s = self.timeouts.session_ttl_s
+        self.reservation_ttl_s = self.timeouts.reservation_ttl_s
         # Admission: parking a CreateSession only makes sense while the cluster can still grow.
         self.autoscaling = bool(self.config.get("autoscaling", False))
         self.max_replicas: Dict[str, int] = {k: int(v) for k, v in (self.config.get("max_replicas") or {}).items()}
         self.min_replicas: Dict[str, int] = {k: int(v) for k, v in (self.config.get("min_replicas") or {}).items()}
-        self.admission_wait_s = float(self.config.get("admission_wait_s", 10.0))
+        self.admission_wait_s = self.timeouts.admission_wait_s
         self.admission_poll_s = float(self.config.get("admission_poll_s", 0.1))
         # Quality of service: a frame is late when delivered more than this after the end of its audio span.
         self.late_after_s = float(self.config.get("late_after_s", 3.0))
@@ -104,7 +107,7 @@ class Gateway:
         self._streams: Dict[str, tuple] = {}  # session id -> (StreamController, SessionMeter)
         self._waiting = 0
         self.replica_id = uuid.uuid4().hex[:8]
-        self.metrics = GatewayMetrics() if _in_serve_replica() else None
+        self.metrics = GatewayMetrics() if in_serve_replica() else None
 
     # ----- per-event-loop clients (redis.asyncio and grpc.aio bind to the loop that uses them) ---------------
     def _clients(self):
@@ -280,16 +283,20 @@ class Gateway:
         hops: List[RouteHop] = await self._admit(lambda: registry.reserve_route(self.deployments, sid))
         try:
             try:
-                blob = await self.vae.prepare_session.remote(bytes(request.reference_image), request.prompt,
-                                                             opts["seed"])
+                blob = await asyncio.wait_for(
+                    self.vae.prepare_session.remote(bytes(request.reference_image), request.prompt, opts["seed"]),
+                    self.timeouts.prepare_session_s)
+            except asyncio.TimeoutError as exc:
+                raise _Abort(grpc.StatusCode.UNAVAILABLE,
+                             f"session preparation took longer than {self.timeouts.prepare_session_s:g} s "
+                             "(timeouts.prepare_session_s)") from exc
             except Exception as exc:  # noqa: BLE001 - the image/prompt could not be turned into a sink
                 msg = str(exc)
                 if "InvalidInput" in msg or "cannot decode" in msg or "PromptError" in msg:
                     raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, _last_line(msg)) from exc
                 raise _Abort(grpc.StatusCode.UNAVAILABLE, f"session preparation failed: {_last_line(msg)}") from exc
             sink = sink_from_bytes(blob)
-            token = await store.create_session(sid, sink, width=opts["width"], height=opts["height"])
-            await store.r.hset(store._k("session", sid), "options", json.dumps(opts))
+            token = await store.create_session(sid, sink, width=opts["width"], height=opts["height"], options=opts)
             await registry.record_route(sid, hops, ttl_s=self.session_ttl_s)
         except BaseException:
             await registry.release(sid, hops)  # the slots go back at once, not when the reservations expire
@@ -364,7 +371,8 @@ class Gateway:
     async def StreamSession(self, requests, grpc_context=None):
         registry, store, client = self._clients()
         it = requests.__aiter__()
-        lock_key = None
+        locked = False
+        keepalive = None
         pipe = None
         completed = False
         try:
@@ -378,16 +386,15 @@ class Gateway:
             rec = await self._authorize(sid, first.hello.session_token)
             if rec.state in ("CLOSED", "FAILED"):
                 raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, f"session {sid!r} is {rec.state}")
-            lock_key = store._k("streamlock", sid)
-            if not await store.r.set(lock_key, self.replica_id, nx=True, px=int(self.session_ttl_s * 1000)):
-                lock_key = None
+            if not await store.acquire_stream_lock(sid, self.replica_id):
                 raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, f"a stream is already open for session {sid!r}")
+            locked = True
+            keepalive = asyncio.get_running_loop().create_task(self._keep_session_alive(sid), name=f"{sid}/keepalive")
             route = await registry.get_route(sid)
             if not route:
                 raise _Abort(grpc.StatusCode.UNAVAILABLE, f"session {sid!r} has no pipeline route")
             route = await self._place_route(sid, route)
-            raw = await store.r.hget(store._k("session", sid), "options")
-            opts = json.loads(raw) if raw else {}
+            opts = await store.get_options(sid)
             settings = StreamSettings(
                 sample_rate=self.stream.sample_rate, samples_per_block=self.stream.samples_per_block,
                 frames_per_block=self.stream.frames_per_block, fps=self.stream.fps, width=self.stream.width,
@@ -457,7 +464,7 @@ class Gateway:
                     await store.set_state(sid, "IDLE")
         except (_Abort, StreamAbort) as err:
             if isinstance(err, StreamAbort):
-                if lock_key is not None and err.code == "INTERNAL":
+                if locked and err.code == "INTERNAL":
                     await store.set_state(sid, "FAILED")
                 err = _Abort(getattr(grpc.StatusCode, err.code), err.message, err.trailing)
             self._count("avatarserve_stream_ends", code=err.code.name)
@@ -474,19 +481,35 @@ class Gateway:
                 self._count("avatarserve_stream_ends", code="INTERNAL")
             raise
         finally:
+            if keepalive is not None:
+                keepalive.cancel()
+                await asyncio.gather(keepalive, return_exceptions=True)
             if pipe is not None:
                 await pipe.close()
-            if lock_key is not None:
-                await store.r.delete(lock_key)
+            if locked:
+                try:  # the session's TTL counts from the end of its last stream
+                    await self._touch_session(sid)
+                except Exception as exc:  # noqa: BLE001 - the keys still expire on their previous TTL
+                    log.warning("session %s: TTL refresh at stream end failed: %s", sid, exc)
+                await store.release_stream_lock(sid, self.replica_id)
 
+    async def _touch_session(self, sid: str) -> bool:
+        registry, store, _ = self._clients()
+        alive = await store.touch(sid)
+        await registry.touch_route(sid, self.session_ttl_s)
+        return alive
 
-def _in_serve_replica() -> bool:
-    try:
-        from ray.serve import context
-
-        return context._get_internal_replica_context() is not None
-    except ImportError:
-        return False
+    async def _keep_session_alive(self, sid: str) -> None:
+        """While a stream is open, restart the TTL of every key of its session well before it runs out."""
+        period = self.session_ttl_s / 3
+        while True:
+            await asyncio.sleep(period)
+            try:
+                if not await self._touch_session(sid):
+                    log.warning("session %s: its keys expired while streaming (session_ttl_s %g s)", sid,
+                                self.session_ttl_s)
+            except Exception as exc:  # noqa: BLE001 - retried at the next period; the stream itself goes on
+                log.warning("session %s: TTL refresh failed: %s", sid, exc)
 
 
 def _counters(rec) -> pb.SessionCounters:

@@ -27,6 +27,7 @@ import torch
 from ..engine.bundle import ModelBundle, build_bundle
 from ..engine.errors import BlockOrderError, EngineError, InvalidInput, SessionExists, SessionNotFound
 from ..engine.runners import AudioEncoderRunner, BlockPayload, DecoderRunner, StageRunner
+from .config import TimeoutsConfig
 from .media import encode_h264_block, encode_jpeg_frames
 from .sink_store import SinkFrameStore, StoreError, sink_to_bytes
 from .transport import BlockItem, ControlBoard, ControlItem, ErrorCode, StageError
@@ -160,7 +161,8 @@ class DenoiseStageHandler(_EngineHandler):
         self.runner = StageRunner(self.step, b.transformer, b.schedule, self.stream)
         self.board = ControlBoard()
         self.replay_window = int(self.config.get("replay_window", self.stream.window_blocks))
-        self.aas_timeout_s = float(self.config.get("aas_timeout_s", 120.0))
+        # timeouts.aas_wait_s, set per deployment by the app builder (serve/app.py)
+        self.aas_wait_s = float(self.config.get("aas_wait_s", TimeoutsConfig().aas_wait_s))
 
     async def open_session(self, session_id: str, config: bytes) -> None:
         self._options(session_id, config)
@@ -176,7 +178,7 @@ class DenoiseStageHandler(_EngineHandler):
         if self.runner.needs_aas(session_id, b):
             if self.runner.is_last:
                 raise InvalidItem(f"block {b} reached the last stage before block 0 (no adaptive-sink latent)")
-            ctl = await self.board.wait_for(session_id, AAS_KIND, for_block=b, timeout_s=self.aas_timeout_s)
+            ctl = await self.board.wait_for(session_id, AAS_KIND, for_block=b, timeout_s=self.aas_wait_s)
             self.runner.set_aas_latent(session_id, _as_torch(ctl, "latent"))
         # Copies: wire tensors are views into message bytes (unaligned), and SIMD kernels chosen by alignment
         # would change results in the last bit, breaking equality with the sequential pipeline.

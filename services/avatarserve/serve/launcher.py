@@ -7,6 +7,12 @@ ops dashboard is at `{http_address}{route_prefix}/ops/`), waits until it is RUNN
 health checks, and prints the addresses. Prometheus scrapes `127.0.0.1:{metrics_export_port}/metrics` (deploy/prometheus.yml).
 What it started is recorded in a state file (default ~/.avatarserve/local-cluster.json).
 
+While it waits, `up` shows what is happening on stderr: which replicas are ready out of how many and what each one
+is doing (starting, importing, loading weights, ready: serve/startup.py), as a live display on a terminal and as
+plain lines otherwise. Nothing in it has a wall-clock limit around model loading: every wait is a named key of
+`app.timeouts` (serve/config.py), and a wait on a process fails at once when that process exits. On a real failure
+it names the replica, its exception and its log file, stops what it started and exits non-zero.
+
 Ray >= 2.59 turns token authentication on for local clusters. The local cluster binds only to 127.0.0.1 and we set
 RAY_AUTH_MODE=disabled deliberately for it (documented in the README); a multi-node deployment uses KubeRay.
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -26,6 +33,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import yaml
+
+from .config import ConfigError, TimeoutsConfig, check_moved_keys
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "deploy" / "local.yaml"
 STATE_DIR = Path(os.environ.get("AVATARSERVE_STATE_DIR", Path.home() / ".avatarserve"))
@@ -50,8 +59,17 @@ def load_config(path: Optional[str | os.PathLike] = None) -> Dict[str, Any]:
         cfg = yaml.safe_load(fh) or {}
     if not isinstance(cfg, dict):
         raise LauncherError(f"{p}: expected a mapping at the top level")
+    try:  # fail before anything starts
+        check_moved_keys(cfg.get("app") or {})
+        TimeoutsConfig.parse((cfg.get("app") or {}).get("timeouts"))
+    except ConfigError as exc:
+        raise LauncherError(f"{p}: {exc}") from exc
     cfg["_path"] = str(p)
     return cfg
+
+
+def timeouts_of(cfg: Dict[str, Any]) -> TimeoutsConfig:
+    return TimeoutsConfig.parse((cfg.get("app") or {}).get("timeouts"))
 
 
 @dataclass
@@ -80,27 +98,46 @@ class ClusterState:
         return cls(**json.loads(path.read_text()))
 
 
-def _wait_port(host: str, port: int, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+def _wait_port(host: str, port: int, timeout: float, what: str, proc: Optional[subprocess.Popen] = None,
+               log: Optional[Path] = None, key: str = "") -> None:
+    """Wait until `host:port` accepts connections; fail at once if `proc` exits, else after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
-            time.sleep(0.2)
-    raise LauncherError(f"{what} did not open {host}:{port} within {timeout:.0f} s")
+            pass
+        if proc is not None and proc.poll() is not None:
+            raise LauncherError(f"{what} exited with code {proc.returncode} before opening {host}:{port}"
+                                + (f"; log: {log}\n{_tail(log)}" if log else ""))
+        time.sleep(0.2)
+    raise LauncherError(f"{what} did not open {host}:{port} within {timeout:.0f} s"
+                        + (f" ({key})" if key else "") + (f"; log: {log}" if log else ""))
 
 
-def start_redis(port: int, workdir: Path) -> int:
+def _tail(path: Optional[Path], lines: int = 15) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:]) if path else ""
+    except OSError:
+        return ""
+
+
+def start_redis(port: int, workdir: Path, timeout_s: float = 60.0) -> int:
     exe = shutil.which("redis-server")
     if exe is None:
         raise LauncherError("redis-server is not installed (apt-get install redis-server) and REDIS_URL is not set")
     workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / "redis.log"
     proc = subprocess.Popen(
         [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
          "--dir", str(workdir), "--protected-mode", "yes"],
-        stdout=open(workdir / "redis.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
-    _wait_port("127.0.0.1", port, 15, "redis-server")
+        stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_port("127.0.0.1", port, timeout_s, "redis-server", proc, log, "timeouts.redis_start_s")
+    except LauncherError:
+        _kill_pid(proc.pid)
+        raise
     return proc.pid
 
 
@@ -114,7 +151,7 @@ def ray_env() -> Dict[str, str]:
     return env
 
 
-def start_ray_head(cfg: Dict[str, Any], temp_dir: Path, metrics_port: int) -> tuple[int, str]:
+def start_ray_head(cfg: Dict[str, Any], temp_dir: Path, metrics_port: int, timeout_s: float = 600.0) -> tuple[int, str]:
     cl = cfg.get("cluster", {})
     port = int(cl.get("ray_port") or free_port())
     num_cpus = cl.get("num_cpus") or os.cpu_count() or 2
@@ -129,10 +166,10 @@ def start_ray_head(cfg: Dict[str, Any], temp_dir: Path, metrics_port: int) -> tu
     env = ray_env()
     if cl.get("metrics_report_interval_ms"):  # how often replicas push metrics to the node's agent (Ray: 10 s)
         env["RAY_metrics_report_interval_ms"] = str(int(cl["metrics_report_interval_ms"]))
-    proc = subprocess.Popen(cmd, stdout=open(temp_dir / "ray-head.log", "ab"), stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
+    log = temp_dir / "ray-head.log"
+    proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        _wait_port("127.0.0.1", port, 90, "the Ray head (GCS)")
+        _wait_port("127.0.0.1", port, timeout_s, "the Ray head (GCS)", proc, log, "timeouts.ray_start_s")
     except LauncherError:
         _kill_group(proc.pid)
         raise
@@ -166,7 +203,8 @@ def _kill_pid(pid: int, timeout: float = 10.0) -> None:
     _terminate(lambda sig: os.kill(pid, sig), timeout, 0.1)
 
 
-def deploy_app(cfg: Dict[str, Any], ray_address: str, redis_url: str, grpc_port: int, http_port: int) -> None:
+def deploy_app(cfg: Dict[str, Any], ray_address: str, redis_url: str, grpc_port: int, http_port: int,
+               progress: Optional["ProgressDisplay"] = None) -> None:
     """Connect to the cluster and deploy the Serve app (driver exits afterwards; Serve keeps running)."""
     os.environ.update({k: v for k, v in ray_env().items() if k.startswith("RAY_")})
     import ray
@@ -180,14 +218,71 @@ def deploy_app(cfg: Dict[str, Any], ray_address: str, redis_url: str, grpc_port:
         app_cfg = dict(cfg.get("app", {}))
         app_cfg["redis_url"] = redis_url
         try:
-            deploy(app_cfg, timeout_s=float(app_cfg.get("startup_timeout_s", 300)))
+            deploy(app_cfg, timeout_s=timeouts_of(cfg).deploy_s, on_progress=progress.update if progress else None)
         except (AppConfigError, TimeoutError) as exc:
             raise LauncherError(str(exc)) from exc
     finally:
         ray.shutdown()
 
 
-def wait_grpc_healthy(address: str, timeout: float = 60.0) -> None:
+_SECONDS = re.compile(r" \[\d+s\]")
+
+
+class ProgressDisplay:
+    """Replica readiness while the application deploys: a live block on a terminal, plain lines otherwise."""
+
+    def __init__(self, stream: Any = None, live: Optional[bool] = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.live = self.stream.isatty() if live is None else live
+        self._shown = 0  # lines drawn by the last live frame
+        self._last_lines: Dict[str, str] = {}
+        self.started = time.monotonic()
+
+    @staticmethod
+    def groups(progress: list) -> List[List[str]]:
+        """One group of lines per deployment: its summary, then one line per replica that is not ready yet."""
+        out = []
+        for p in progress:
+            lines: List[str] = []
+            states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(p.replica_states.items()) if n and s != "RUNNING")
+            head = f"{p.name}: {p.running}/{max(p.total, p.running)} ready" + (f" ({states})" if states else "")
+            lines.append(head)
+            for r in p.replicas:
+                if r.phase == "ready" and p.running >= p.total:
+                    continue
+                what = {"loading": "loading weights", "importing": "importing"}.get(r.phase, r.phase)
+                detail = f" {r.detail}" if r.detail and r.phase in ("loading", "importing") else ""
+                err = f": {r.error}" if r.error else ""
+                log = f" (log: {r.log_file})" if r.phase == "failed" and r.log_file else ""
+                lines.append(f"  #{r.replica_id}: {what}{detail}{err} [{r.phase_seconds:.0f}s]{log}")
+            if not p.replicas and p.running < max(1, p.total):
+                lines.append("  starting the replica process (scheduling, importing Python modules)")
+            msg = p.message.strip().splitlines()[0] if p.message.strip() else ""
+            if msg and p.running < max(1, p.total):
+                lines.append(f"  serve: {msg[:200]}")
+            out.append(lines)
+        return out
+
+    def update(self, progress: list) -> None:
+        groups = self.groups(progress)
+        elapsed = f"[up {time.monotonic() - self.started:.0f}s]"
+        if self.live:
+            frame = [f"deploying {elapsed}", *(line for g in groups for line in g)]
+            if self._shown:
+                self.stream.write(f"\x1b[{self._shown}F\x1b[J")  # back to the frame's first line, clear below
+            self.stream.write("\n".join(frame) + "\n")
+            self._shown = len(frame)
+        else:
+            # Plain lines: one per deployment whose summary changed (seconds counters excluded from the comparison).
+            for p, group in zip(progress, groups):
+                key = "\n".join(_SECONDS.sub("", x) for x in group)
+                if self._last_lines.get(p.name) != key:
+                    self._last_lines[p.name] = key
+                    self.stream.write(f"[up] {elapsed} " + " | ".join(x.strip() for x in group) + "\n")
+        self.stream.flush()
+
+
+def wait_grpc_healthy(address: str, timeout: float = 120.0) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -204,7 +299,7 @@ def wait_grpc_healthy(address: str, timeout: float = 60.0) -> None:
         except Exception as exc:  # noqa: BLE001 - retried until the deadline
             err = exc
         time.sleep(1.0)
-    raise LauncherError(f"gRPC endpoint {address} not healthy after {timeout:.0f} s: {err}")
+    raise LauncherError(f"gRPC endpoint {address} not healthy after {timeout:.0f} s (timeouts.health_s): {err}")
 
 
 def up(config_path: Optional[str] = None, *, state_file: Path = STATE_FILE, quiet: bool = False) -> int:
@@ -213,6 +308,7 @@ def up(config_path: Optional[str] = None, *, state_file: Path = STATE_FILE, quie
         raise LauncherError(f"a local cluster is already recorded in {state_file} (gRPC {existing.grpc_address}); "
                             "run `avatarserve down` first")
     cfg = load_config(config_path)
+    timeouts = timeouts_of(cfg)
     cl = cfg.get("cluster", {})
     grpc_port = int(cl.get("grpc_port") or free_port())
     http_port = int(cl.get("http_port") or free_port())
@@ -225,9 +321,9 @@ def up(config_path: Optional[str] = None, *, state_file: Path = STATE_FILE, quie
     try:
         if not redis_url:
             rport = int(cfg.get("redis", {}).get("port") or free_port())
-            redis_pid = start_redis(rport, workdir)
+            redis_pid = start_redis(rport, workdir, timeouts.redis_start_s)
             redis_url = f"redis://127.0.0.1:{rport}/0"
-        ray_pgid, ray_address = start_ray_head(cfg, temp_dir, metrics_port)
+        ray_pgid, ray_address = start_ray_head(cfg, temp_dir, metrics_port, timeouts.ray_start_s)
         state = ClusterState(config_path=cfg["_path"], grpc_address=f"127.0.0.1:{grpc_port}",
                              http_address=f"http://127.0.0.1:{http_port}", ray_address=ray_address,
                              redis_url=redis_url, redis_pid=redis_pid, ray_pgid=ray_pgid,
@@ -236,8 +332,8 @@ def up(config_path: Optional[str] = None, *, state_file: Path = STATE_FILE, quie
                              ops_url=(f"http://127.0.0.1:{http_port}{cfg.get('app', {}).get('route_prefix', '/avatarserve')}/ops/"
                                       if (cfg.get("app", {}).get("ops") or {}).get("enabled", True) else None))
         state.save(state_file)  # record before deploying so `down` can clean up a half-started cluster
-        deploy_app(cfg, ray_address, redis_url, grpc_port, http_port)
-        wait_grpc_healthy(state.grpc_address)
+        deploy_app(cfg, ray_address, redis_url, grpc_port, http_port, progress=None if quiet else ProgressDisplay())
+        wait_grpc_healthy(state.grpc_address, timeouts.health_s)
     except BaseException:
         if state is not None:
             down(state_file=state_file, quiet=True)

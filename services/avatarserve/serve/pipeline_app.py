@@ -1,7 +1,8 @@
 """Ray Serve wiring of the TPP data plane: one deployment per stage, chained over our gRPC.
 
-Each replica of a `StageReplica` deployment builds its handler from a plain config dict, starts a
-`StageHost` on a dedicated data-plane thread, registers `{deployment, replica_id, address,
+Each replica of a `StageReplica` deployment starts a `StageHost` on a dedicated data-plane thread, then builds its
+handler from a plain config dict (the model load: no time limit; its phases are reported to Redis for `avatarserve
+up`, serve/startup.py), registers `{deployment, replica_id, address,
 live_sessions, capacity}` in Redis with a TTL heartbeat, and exposes `status()`. Serve handles are
 only the control plane here (placement, health, status); blocks never go through them.
 
@@ -10,9 +11,9 @@ reserved) for the application-level policy (serve/autoscale.py). Serve picks sca
 without looking at load and drains only Serve requests, never our data-plane sessions; so when Serve
 stops a replica (it calls the user class's `__del__` after its own drain, then kills the actor once
 `graceful_shutdown_timeout_s` has passed), `__del__` first deregisters the replica (no new session is
-placed on it), then waits up to `drain_timeout_s` for its live sessions to end before stopping the
-data plane. Deployments must set `graceful_shutdown_timeout_s >= drain_timeout_s + margin`
-(`shutdown_budget_s`).
+placed on it), then waits up to `timeouts.session_drain_s` for its live sessions to end before stopping the
+data plane. Deployments must set `graceful_shutdown_timeout_s >= session_drain_s + margin`
+(`shutdown_budget_s`). Every timeout comes from the typed `TimeoutsConfig` (serve/config.py).
 
 `build_pipeline_app(config)` returns one Serve application: a small `PipelineDirectory` ingress
 bound to every stage deployment, so one `serve.run` deploys all stages in parallel.
@@ -28,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from avatarserve.serve.autoscale import HELD_SESSIONS_METRIC, LIVE_SESSIONS_METRIC
+from avatarserve.serve.config import ReplicaTimeouts, TimeoutsConfig
 from avatarserve.serve.registry import ReplicaHeartbeat, ReplicaInfo, ReplicaRegistry
 from avatarserve.serve.stage_host import BackgroundStageHost, StageHostConfig
 from avatarserve.serve.synthetic import SyntheticStage
@@ -109,11 +111,8 @@ class PipelineAppConfig:
     namespace: str = ""  # registry key prefix
     bind_host: str = "127.0.0.1"  # data-plane bind address in each replica
     advertise_host: Optional[str] = None  # default: bind_host, or the Ray node IP for 0.0.0.0
-    heartbeat_s: float = 1.0
-    ttl_s: float = 5.0
     name: str = "tpp"
-    drain_timeout_s: float = 20.0  # how long a stopping replica waits for its live sessions
-    reservation_ttl_s: float = 60.0  # how long an admitted, not yet streaming session holds its slots
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -121,40 +120,40 @@ class PipelineAppConfig:
         names = [s.deployment for s in self.stages]
         if len(set(names)) != len(names):
             raise PipelineConfigError(f"duplicate stage deployment names in {names}")
-        if not 0 < self.heartbeat_s < self.ttl_s:
-            raise PipelineConfigError(f"heartbeat_s ({self.heartbeat_s}) must be > 0 and below ttl_s ({self.ttl_s})")
-        if self.drain_timeout_s < 0 or self.reservation_ttl_s <= 0:
-            raise PipelineConfigError(f"drain_timeout_s ({self.drain_timeout_s}) must be >= 0 and reservation_ttl_s "
-                                      f"({self.reservation_ttl_s}) > 0")
+        self.timeouts.check_deployments(names)
 
     @property
     def deployments(self) -> list[str]:
         return [s.deployment for s in self.stages]
 
     def common(self) -> dict[str, Any]:
+        """What every stage replica of this pipeline is built with (JSON-serializable: it travels in Serve args)."""
         return {
             "redis_url": self.redis_url,
             "namespace": self.namespace,
             "bind_host": self.bind_host,
             "advertise_host": self.advertise_host,
-            "heartbeat_s": self.heartbeat_s,
-            "ttl_s": self.ttl_s,
-            "drain_timeout_s": self.drain_timeout_s,
-            "reservation_ttl_s": self.reservation_ttl_s,
+            "timeouts": self.timeouts.model_dump(),
         }
 
 
-def build_handler(spec: StageSpec, replica_name: str) -> StageHandler:
-    """Instantiate the stage handler named by `spec` (a registered short name or an import path)."""
+def resolve_handler_factory(spec: StageSpec) -> Callable[[Mapping[str, Any]], StageHandler]:
+    """The factory named by `spec.handler` (a registered short name or "module:callable"); imports its module."""
     factory = HANDLER_FACTORIES.get(spec.handler)
-    if factory is None:
-        module_name, sep, attr = spec.handler.partition(":")
-        if not sep or not module_name or not attr:
-            raise PipelineConfigError(f"handler {spec.handler!r} is neither one of {sorted(HANDLER_FACTORIES)} nor 'module:callable'")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise PipelineConfigError(f"cannot import handler factory {spec.handler!r}: {exc}") from exc
+    if factory is not None:
+        return factory
+    module_name, sep, attr = spec.handler.partition(":")
+    if not sep or not module_name or not attr:
+        raise PipelineConfigError(f"handler {spec.handler!r} is neither one of {sorted(HANDLER_FACTORIES)} nor 'module:callable'")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise PipelineConfigError(f"cannot import handler factory {spec.handler!r}: {exc}") from exc
+
+
+def build_handler(spec: StageSpec, replica_name: str, factory: Optional[Callable[[Mapping[str, Any]], StageHandler]] = None) -> StageHandler:
+    """Instantiate the stage handler named by `spec` (a registered short name or an import path)."""
+    factory = factory or resolve_handler_factory(spec)
     config = dict(spec.handler_config)
     if spec.handler == "synthetic":
         config.setdefault("name", spec.deployment)
@@ -201,14 +200,23 @@ class StageReplica:
         from ray import serve
 
         from avatarserve.serve.metrics import StageMetrics
+        from avatarserve.serve.ray_compat import replica_log_file
+        from avatarserve.serve.startup import StartupReporter
 
         self.spec = StageSpec.from_dict(spec)
+        self.timeouts: ReplicaTimeouts = TimeoutsConfig.parse(common.get("timeouts")).for_deployment(self.spec.deployment)
         ctx = serve.get_replica_context()
         self.replica_id = ctx.replica_tag
         self.name = f"{self.spec.deployment}#{self.replica_id}"
-        self.drain_timeout_s = float(common.get("drain_timeout_s", 20.0))
+        self.drain_timeout_s = self.timeouts.session_drain_s
         self.draining = False
         self.metrics = StageMetrics(self.spec.capacity)
+        # Startup is observable (phases in Redis, shown by `avatarserve up`) and has no overall time limit: the
+        # data-plane server must come up within stage_start_s, the model load takes what it takes.
+        self._startup = StartupReporter(common["redis_url"], namespace=common.get("namespace", ""),
+                                        deployment=self.spec.deployment, replica_id=self.replica_id,
+                                        log_file=replica_log_file())
+        self._startup.report("starting")
         bind_host = common["bind_host"]
         advertise = common.get("advertise_host")
         if not advertise and bind_host in ("0.0.0.0", "::", ""):
@@ -221,19 +229,33 @@ class StageReplica:
             port=0,
             advertise_host=advertise,
             max_sessions=self.spec.capacity,
-            transport=TransportOptions(queue_size=self.spec.queue_size),
+            drain_timeout_s=self.timeouts.hop_drain_s,
+            transport=TransportOptions(queue_size=self.spec.queue_size, open_timeout_s=self.timeouts.pipe_open_s),
         )
-        self._bg = BackgroundStageHost(lambda: _TimedHandler(build_handler(self.spec, self.name), self.metrics), host_config)
-        self.address = self._bg.start()
+        self._bg = BackgroundStageHost(self._build_handler, host_config)
         self._heartbeat: Optional[ReplicaHeartbeat] = None
         self._registry: Optional[ReplicaRegistry] = None
         self._metrics_task: Optional[asyncio.Task[None]] = None
         try:
-            self._bg.call(self._start_registry(common), timeout_s=30)
-        except BaseException:
+            self.address = self._bg.start_server(self.timeouts.stage_start_s)
+            self._startup.report("serving", self.address)
+            self._bg.load_handler(self.timeouts.control_call_s)
+            self._startup.report("registering")
+            self._bg.call(self._start_registry(common), timeout_s=self.timeouts.control_call_s)
+        except BaseException as exc:
+            self._startup.report("failed", error=f"{type(exc).__name__}: {exc}")
+            self._startup.close()
             self._bg.stop()
             raise
+        self._startup.report("ready", self.address)
+        self._startup.close()
         log.info("%s: data plane on %s, registered as %s/%s", self.name, self.address, self.spec.deployment, self.replica_id)
+
+    def _build_handler(self) -> StageHandler:
+        self._startup.report("importing", self.spec.handler)
+        factory = resolve_handler_factory(self.spec)
+        self._startup.report("loading", _describe_model(self.spec.handler_config))
+        return _TimedHandler(build_handler(self.spec, self.name, factory), self.metrics)
 
     def _info(self) -> ReplicaInfo:
         host = self._bg.host
@@ -248,11 +270,13 @@ class StageReplica:
 
     async def _start_registry(self, common: Mapping[str, Any]) -> None:
         # Runs on the data-plane loop: the redis client, the heartbeat and the metrics task live there.
-        self._registry = ReplicaRegistry.from_url(common["redis_url"], namespace=common.get("namespace", ""), ttl_s=common["ttl_s"],
-                                                  reservation_ttl_s=float(common.get("reservation_ttl_s", 60.0)))
-        self._heartbeat = ReplicaHeartbeat(self._registry, self._info, interval_s=common["heartbeat_s"])
+        t = self.timeouts
+        reservation_ttl_s = TimeoutsConfig.parse(common.get("timeouts")).reservation_ttl_s
+        self._registry = ReplicaRegistry.from_url(common["redis_url"], namespace=common.get("namespace", ""),
+                                                  ttl_s=t.registry_ttl_s, reservation_ttl_s=reservation_ttl_s)
+        self._heartbeat = ReplicaHeartbeat(self._registry, self._info, interval_s=t.heartbeat_s)
         await self._heartbeat.start()
-        self._metrics_task = asyncio.get_running_loop().create_task(self._publish_metrics(float(common["heartbeat_s"])),
+        self._metrics_task = asyncio.get_running_loop().create_task(self._publish_metrics(t.heartbeat_s),
                                                                     name="stage-metrics")
 
     async def _publish_metrics(self, interval_s: float) -> None:
@@ -304,7 +328,7 @@ class StageReplica:
         bg = self._bg
         self.draining = True
         try:
-            bg.call(self._stop_registry(), timeout_s=5)
+            bg.call(self._stop_registry(), timeout_s=self.timeouts.control_call_s)
         except Exception as exc:  # the TTL removes the record anyway
             log.warning("%s: deregistration failed: %s", self.name, exc)
         deadline = time.monotonic() + timeout_s
@@ -326,10 +350,18 @@ class StageReplica:
             return
         try:
             self.drain(getattr(self, "drain_timeout_s", 0.0))
-            bg.call(self._stop_metrics(), timeout_s=5)
+            bg.call(self._stop_metrics(), timeout_s=self.timeouts.control_call_s)
         except Exception as exc:  # noqa: BLE001 - shutting down anyway
             log.warning("%s: drain failed: %s", getattr(self, "name", "?"), exc)
         bg.stop()
+
+
+def _describe_model(handler_config: Mapping[str, Any]) -> str:
+    model = handler_config.get("model") or {}
+    if not model:
+        return ""
+    where = model.get("checkpoint") or "embedded weights"
+    return f"{model.get('config', '?')} from {where} on {model.get('device', 'cpu')}"
 
 
 class PipelineDirectory:
@@ -358,7 +390,7 @@ def build_pipeline_app(config: PipelineAppConfig) -> Any:
             num_replicas=spec.num_replicas,
             ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
             # Long-lived sessions must drain before a replica goes away (see StageReplica.drain).
-            graceful_shutdown_timeout_s=shutdown_budget_s(config.drain_timeout_s),
+            graceful_shutdown_timeout_s=shutdown_budget_s(config.timeouts.for_deployment(spec.deployment).session_drain_s),
         )
         bound.append(dep.bind(spec.to_dict(), common))
     directory = serve.deployment(PipelineDirectory).options(name=f"{config.name}-directory", num_replicas=1, ray_actor_options={"num_cpus": 0.01})

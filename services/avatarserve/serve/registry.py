@@ -4,7 +4,8 @@ Keys (all under an optional `namespace` prefix, e.g. "avatarserve:"):
     replica:{deployment}:{replica_id}   hash  deployment, replica_id, address, live_sessions,
                                               capacity, updated_ms   (PEXPIRE ttl: a replica that
                                               stops heartbeating disappears)
-    replicas:{deployment}               zset  replica_id -> expiry (Redis server ms): the index
+    replicas:{deployment}               zset  replica_id -> expiry (Redis server ms): the index (PEXPIRE
+                                              ttl from the newest heartbeat of any of its replicas)
     resv:{deployment}:{replica_id}      zset  session_id -> expiry (Redis server ms): admitted
                                               sessions that hold a slot but are not streaming yet
     route:{session_id}                  string JSON [{"deployment", "replica_id", "address"}, ...]
@@ -169,6 +170,7 @@ for i = 3, 2 + n do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], 'updated_ms', now, unpack(fields))
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('ZADD', KEYS[2], now + ttl, ARGV[3 + n])
+redis.call('PEXPIRE', KEYS[2], ttl)
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 for i = 4 + n, #ARGV do redis.call('ZREM', KEYS[3], ARGV[i]) end
 return {now, redis.call('ZCARD', KEYS[3])}
@@ -421,12 +423,14 @@ class ReplicaRegistry:
 
     # ------------------------------------------------------------------ routes
 
-    async def record_route(self, session_id: str, hops: Sequence[RouteHop], *, ttl_s: Optional[float] = None) -> None:
+    async def record_route(self, session_id: str, hops: Sequence[RouteHop], *, ttl_s: float) -> None:
+        """Record a session's route; it expires `ttl_s` after the last `record_route` / `touch_route`."""
         if not hops:
             raise RegistryError(f"route of session {session_id!r} has no hops")
+        if ttl_s <= 0:
+            raise RegistryError(f"route ttl must be > 0, got {ttl_s}")
         payload = json.dumps([asdict(h) for h in hops])
-        px = int(ttl_s * 1000) if ttl_s is not None else None
-        await self._r.set(self._route_key(session_id), payload, px=px)
+        await self._r.set(self._route_key(session_id), payload, px=max(1, int(ttl_s * 1000)))
 
     async def get_route(self, session_id: str) -> Optional[list[RouteHop]]:
         raw = await self._r.get(self._route_key(session_id))
@@ -436,6 +440,10 @@ class ReplicaRegistry:
             return [RouteHop(**h) for h in json.loads(raw)]
         except (TypeError, ValueError) as exc:
             raise RegistryError(f"malformed route record for session {session_id!r}: {exc}") from None
+
+    async def touch_route(self, session_id: str, ttl_s: float) -> bool:
+        """Restart the route's TTL (while its session streams); False if there is no route."""
+        return bool(await self._r.pexpire(self._route_key(session_id), max(1, int(ttl_s * 1000))))
 
     async def remove_route(self, session_id: str) -> bool:
         return bool(await self._r.delete(self._route_key(session_id)))

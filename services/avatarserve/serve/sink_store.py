@@ -1,13 +1,16 @@
 """Redis schema of the sink-frame cache: everything a replica needs to (re)build a session.
 
 Keys (under `namespace`, default "avatarserve:"):
-    session:{sid}        hash   token_sha256, state, width, height, seed, created_ms, counters (HINCRBY)
+    session:{sid}        hash   token_sha256, state, width, height, seed, created_ms, options (JSON), counters
     sink:{sid}           string safetensors bytes: reference, motion, text (+ aas once known) latents
     replay:{sid}:{stage} list   the last `window` inputs of that stage (newest first), safetensors bytes each
+    streamlock:{sid}     string the gateway replica whose stream holds the session
 
-Every key of a session carries the same TTL, refreshed while the session streams (`touch`), so sessions whose
-gateway died are collected by Redis itself. Tensors are stored as safetensors blobs: typed, versioned, and loadable
-without pickle.
+Every key is written with a TTL (`session_ttl_s`) and no write creates one without it: counters and state change
+only a session hash that exists (a session that expired stays gone instead of coming back as a TTL-less stub). The
+gateway refreshes every key of a session while its stream is open (`touch`), so a stream never loses its session
+however long it runs, and sessions nobody streams are collected by Redis itself `session_ttl_s` after their last
+activity. Tensors are stored as safetensors blobs: typed, versioned, and loadable without pickle.
 """
 
 from __future__ import annotations
@@ -78,11 +81,34 @@ class SessionRecord:
     counters: Dict[str, int]
 
 
+# HINCRBY / HSET on a session hash only while it exists. KEYS[1] session hash; ARGV field, value pairs.
+_UPDATE_IF_EXISTS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local op = ARGV[1]
+for i = 2, #ARGV, 2 do
+  if op == 'incr' then redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
+  else redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+return 1
+"""
+
+# Delete the stream lock only if this owner holds it. KEYS[1] lock; ARGV[1] owner.
+_RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 class SinkFrameStore:
     def __init__(self, client: aioredis.Redis, *, namespace: str = "avatarserve:", ttl_s: float = 3600.0):
+        if ttl_s <= 0:
+            raise StoreError(f"session ttl must be > 0, got {ttl_s}")
         self.r = client
         self.ns = namespace
-        self.ttl_ms = int(ttl_s * 1000)
+        self.ttl_s = float(ttl_s)
+        self.ttl_ms = max(1, int(ttl_s * 1000))
+        self._update = client.register_script(_UPDATE_IF_EXISTS)
+        self._release_lock = client.register_script(_RELEASE_LOCK)
 
     @classmethod
     def from_url(cls, url: str, **kw) -> "SinkFrameStore":
@@ -95,11 +121,12 @@ class SinkFrameStore:
         return f"{self.ns}{kind}:{sid}" + (f":{extra}" if extra else "")
 
     # ----- sessions ---------------------------------------------------------------------------------------
-    async def create_session(self, sid: str, sink: SinkState, *, width: int, height: int) -> str:
+    async def create_session(self, sid: str, sink: SinkState, *, width: int, height: int,
+                             options: Optional[dict] = None) -> str:
         """Store a new session; returns its (secret) token. Only the token's hash is stored."""
         token = secrets.token_urlsafe(24)
         fields = {"token_sha256": hash_token(token), "state": "CREATED", "width": width, "height": height,
-                  "seed": sink.seed, "created_ms": int(time.time() * 1000)}
+                  "seed": sink.seed, "created_ms": int(time.time() * 1000), "options": json.dumps(options or {})}
         fields.update({f: 0 for f in SESSION_FIELDS})
         async with self.r.pipeline(transaction=True) as p:
             p.hset(self._k("session", sid), mapping=fields)
@@ -125,22 +152,37 @@ class SinkFrameStore:
                              created_ms=int(d.get("created_ms", 0)),
                              counters={f: int(d.get(f, 0)) for f in SESSION_FIELDS})
 
-    async def set_state(self, sid: str, state: str) -> None:
-        await self.r.hset(self._k("session", sid), "state", state)
+    async def get_options(self, sid: str) -> dict:
+        raw = await self.r.hget(self._k("session", sid), "options")
+        return json.loads(raw) if raw else {}
 
-    async def incr(self, sid: str, **counters: int) -> None:
-        async with self.r.pipeline(transaction=False) as p:
-            for k, v in counters.items():
-                if v:
-                    p.hincrby(self._k("session", sid), k, int(v))
-            await p.execute()
+    async def set_state(self, sid: str, state: str) -> bool:
+        """False when the session no longer exists (it is not recreated)."""
+        return bool(await self._update(keys=[self._k("session", sid)], args=["set", "state", state]))
 
-    async def touch(self, sid: str) -> None:
-        keys = [self._k("session", sid), self._k("sink", sid)] + [k async for k in self._replay_keys(sid)]
+    async def incr(self, sid: str, **counters: int) -> bool:
+        """Add to the session's counters; False when the session no longer exists (it is not recreated)."""
+        pairs = [x for k, v in counters.items() if v for x in (k, int(v))]
+        if not pairs:
+            return True
+        return bool(await self._update(keys=[self._k("session", sid)], args=["incr", *pairs]))
+
+    # ----- stream lock: one open stream per session ----------------------------------------------------------
+    async def acquire_stream_lock(self, sid: str, owner: str) -> bool:
+        return bool(await self.r.set(self._k("streamlock", sid), owner, nx=True, px=self.ttl_ms))
+
+    async def release_stream_lock(self, sid: str, owner: str) -> None:
+        await self._release_lock(keys=[self._k("streamlock", sid)], args=[owner])
+
+    async def touch(self, sid: str) -> bool:
+        """Restart the TTL of every key of the session (while its stream is open). False if the session is gone."""
+        keys = [self._k("session", sid), self._k("sink", sid), self._k("streamlock", sid)]
+        keys += [k async for k in self._replay_keys(sid)]
         async with self.r.pipeline(transaction=False) as p:
             for k in keys:
                 p.pexpire(k, self.ttl_ms)
-            await p.execute()
+            found = await p.execute()
+        return bool(found[0])
 
     async def delete_session(self, sid: str) -> None:
         keys = [self._k("session", sid), self._k("sink", sid)] + [k async for k in self._replay_keys(sid)]

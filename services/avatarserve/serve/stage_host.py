@@ -402,6 +402,11 @@ class _HopSession:
         return True
 
 
+def _check_handler(handler: Any) -> None:
+    if not all(callable(getattr(handler, m, None)) for m in ("open_session", "process", "close_session")):
+        raise StageError(f"{type(handler).__name__} does not implement StageHandler (open_session, process, close_session)")
+
+
 class StageHost:
     """gRPC server for one stage replica; serves `StageService.Pipe` for `handler`.
 
@@ -409,10 +414,10 @@ class StageHost:
     `await host.stop()`. See `BackgroundStageHost` to run one in a dedicated thread.
     """
 
-    def __init__(self, handler: StageHandler, config: Optional[StageHostConfig] = None) -> None:
-        if not all(callable(getattr(handler, m, None)) for m in ("open_session", "process", "close_session")):
-            raise StageError(f"{type(handler).__name__} does not implement StageHandler (open_session, process, close_session)")
-        self.handler = handler
+    def __init__(self, handler: Optional[StageHandler], config: Optional[StageHostConfig] = None) -> None:
+        if handler is not None:
+            _check_handler(handler)
+        self.handler: Optional[StageHandler] = handler  # None while the replica loads its model (see `attach`)
         self.config = config or StageHostConfig()
         self._server: Optional[grpc.aio.Server] = None
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -425,6 +430,13 @@ class StageHost:
     @property
     def name(self) -> str:
         return self.config.name
+
+    def attach(self, handler: StageHandler) -> None:
+        """Give a host started without a handler (its replica was still loading the model) the handler to run."""
+        if self.handler is not None:
+            raise StageError(f"stage host {self.name!r} already has a handler")
+        _check_handler(handler)
+        self.handler = handler
 
     @property
     def address(self) -> str:
@@ -532,6 +544,9 @@ class StageHost:
             await context.write(self._reject(op.session_id, exc.code, str(exc)))
             return
         sid = op.session_id
+        if self.handler is None:
+            await context.write(self._reject(sid, ErrorCode.UNAVAILABLE, f"{self.name} is still loading its model"))
+            return
         if sid in self._sessions:
             await context.write(self._reject(sid, ErrorCode.ALREADY_EXISTS, f"session {sid!r} is already open on {self.name}"))
             return
@@ -552,9 +567,18 @@ class StageHost:
 class BackgroundStageHost:
     """Runs a `StageHost` on its own event loop in a daemon thread.
 
-    Keeps the data plane independent of the embedding process's loop (a Ray Serve replica's
-    request handling, a synchronous bench). The handler is built by `handler_factory` inside the
-    host's loop so that its asyncio objects belong to that loop.
+    Keeps the data plane independent of the embedding process's loop (a Ray Serve replica's request handling, a
+    synchronous bench). Starting has two phases with different rules:
+
+    1. `start()`: the thread, its loop and the gRPC server. Bounded work whatever the model: it must finish within
+       `server_timeout_s`, and a failure is raised at once.
+    2. the handler: `handler_factory()` builds it (for a real stage: imports torch, reads weights, builds the
+       model). It runs in the calling thread with no time limit: loading is slow on slow disks and busy machines,
+       and slow is not failed. Until it is attached the server answers every Pipe with UNAVAILABLE.
+
+    `start()` runs both; pass `on_phase` to observe them ("serving" once the server listens, "loading" while the
+    factory runs, "ready" once the handler is attached). Asyncio objects a handler creates bind to the loop that
+    first uses them (Python >= 3.10), which is the host's loop.
     """
 
     def __init__(self, handler_factory: Callable[[], StageHandler], config: Optional[StageHostConfig] = None) -> None:
@@ -587,16 +611,39 @@ class BackgroundStageHost:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._host is not None
 
-    def start(self, timeout_s: float = 30.0) -> str:
+    @property
+    def loaded(self) -> bool:
+        return self._host is not None and self._host.handler is not None
+
+    def start(self, server_timeout_s: float = 120.0, on_phase: Optional[Callable[[str], None]] = None) -> str:
+        """Start the server (bounded by `server_timeout_s`), then build and attach the handler (no time limit)."""
+        address = self.start_server(server_timeout_s)
+        if on_phase is not None:
+            on_phase("loading")
+        self.load_handler(server_timeout_s)
+        if on_phase is not None:
+            on_phase("ready")
+        return address
+
+    def start_server(self, timeout_s: float = 120.0) -> str:
         if self._thread is not None:
             raise StageError("background stage host already started")
         self._thread = threading.Thread(target=self._main, name=f"stage-host-{self._config.name}", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout_s):
-            raise StageError(f"stage host {self._config.name!r} did not start within {timeout_s:g}s")
+            raise StageError(f"stage host {self._config.name!r}: the data-plane server did not start within "
+                             f"{timeout_s:g}s (timeouts.stage_start_s)")
         if self._startup_error is not None:
             raise StageError(f"stage host {self._config.name!r} failed to start: {_describe(self._startup_error)}") from self._startup_error
         return self.address
+
+    def load_handler(self, attach_timeout_s: float = 120.0) -> None:
+        handler = self._factory()  # no time limit: see the class docstring
+
+        async def _attach() -> None:
+            self.host.attach(handler)
+
+        self.call(_attach(), attach_timeout_s)
 
     def _main(self) -> None:
         loop = asyncio.new_event_loop()
@@ -611,7 +658,7 @@ class BackgroundStageHost:
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
         try:
-            host = StageHost(self._factory(), self._config)
+            host = StageHost(None, self._config)
             await host.start()
         except BaseException as exc:
             self._startup_error = exc

@@ -1,0 +1,58 @@
+"""The Ray Serve internals AvatarServe touches, in one place, checked against the Ray version they were written for.
+
+`ray[serve]` is pinned in pyproject.toml; these helpers fail with a clear message (instead of an AttributeError deep
+in a replica) when the installed Ray differs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+__all__ = ["RAY_VERSION", "RayCompatError", "check_ray_version", "deploy_apps", "in_serve_replica", "replica_log_file"]
+
+RAY_VERSION = "2.60.0"
+
+
+class RayCompatError(RuntimeError):
+    """The installed Ray does not offer what this module was written against."""
+
+
+def check_ray_version() -> None:
+    import ray
+
+    if ray.__version__ != RAY_VERSION:
+        raise RayCompatError(f"AvatarServe drives Ray Serve internals written for ray=={RAY_VERSION}; installed is "
+                             f"ray=={ray.__version__} (install the version pinned in pyproject.toml)")
+
+
+def deploy_apps(schema: Any) -> None:
+    """Apply a declarative Serve config (`ServeDeploySchema`) on the running Serve instance.
+
+    The public entry points of the declarative path are the CLI and the dashboard REST API (`serve deploy`); both end
+    in this controller call, which we make directly so that tests and the launcher need no dashboard.
+    """
+    check_ray_version()
+    from ray.serve.context import _get_global_client
+
+    _get_global_client().deploy_apps(schema)
+
+
+def in_serve_replica() -> bool:
+    """Is this code running inside a Serve replica?"""
+    try:
+        from ray.serve import context
+    except ImportError:
+        return False
+    check_ray_version()
+    return context._get_internal_replica_context() is not None
+
+
+def replica_log_file() -> Optional[str]:
+    """The file this Serve replica logs to (Serve's replica logger writes through a buffering handler)."""
+    for handler in logging.getLogger("ray.serve").handlers:
+        target = getattr(handler, "target", None) or handler
+        path = getattr(target, "baseFilename", None)
+        if path:
+            return str(path)
+    return None
