@@ -1,4 +1,5 @@
-"""Handler factories that stand for a slow model load (weights read from a slow disk), for start-up tests.
+"""Handler factories that stand for a slow model load (weights read from a slow disk) or a broken one, for
+start-up tests.
 
 Used through the app config's `handlers:` key, e.g. `handlers: {audio: "tests.support.slow_handlers:slow_audio_encoder"}`;
 the Ray workers must be able to import `tests` (PYTHONPATH = the repository root). The delay is read from
@@ -17,3 +18,7 @@ def slow_audio_encoder(config: Mapping[str, Any]):
     from avatarserve.serve.handlers import audio_encoder
 
     return audio_encoder(config)
+
+
+def broken_vae_decoder(config: Mapping[str, Any]):
+    raise RuntimeError("weights file vae.safetensors is truncated (test: a replica that cannot load)")

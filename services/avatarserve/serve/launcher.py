@@ -176,14 +176,16 @@ def start_ray_head(cfg: Dict[str, Any], temp_dir: Path, metrics_port: int, timeo
     return proc.pid, f"127.0.0.1:{port}"
 
 
-def _terminate(send, timeout: float, poll_s: float) -> None:
-    """SIGTERM via `send`, wait until the target is gone, SIGKILL if it outlives `timeout`."""
+def _terminate(send, timeout: float, poll_s: float, pid: int) -> None:
+    """SIGTERM via `send`, wait until the target is gone, SIGKILL if it outlives `timeout`. `pid` (the process, or
+    the group's leader) is reaped when it is our own child, so it does not linger as a zombie."""
     try:
         send(signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.time() + timeout
     while time.time() < deadline:
+        _reap(pid)
         try:
             send(0)
         except ProcessLookupError:
@@ -193,14 +195,22 @@ def _terminate(send, timeout: float, poll_s: float) -> None:
         send(signal.SIGKILL)
     except ProcessLookupError:
         pass
+    _reap(pid)
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # not our child (`down` from another process): its parent or init reaps it
+        pass
 
 
 def _kill_group(pgid: int, timeout: float = 25.0) -> None:
-    _terminate(lambda sig: os.killpg(pgid, sig), timeout, 0.3)
+    _terminate(lambda sig: os.killpg(pgid, sig), timeout, 0.3, pgid)
 
 
 def _kill_pid(pid: int, timeout: float = 10.0) -> None:
-    _terminate(lambda sig: os.kill(pid, sig), timeout, 0.1)
+    _terminate(lambda sig: os.kill(pid, sig), timeout, 0.1, pid)
 
 
 def deploy_app(cfg: Dict[str, Any], ray_address: str, redis_url: str, grpc_port: int, http_port: int,
