@@ -72,13 +72,13 @@ def _log(msg: str) -> None:
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
-    from avatarserve.serve.launcher import _kill_pid, ray_env, start_redis
+    from avatarserve.serve.ops.launcher import _kill_pid, ray_env, start_redis
 
     os.environ.update({k: v for k, v in ray_env().items() if k.startswith("RAY_")})
     import ray
     from ray import serve
 
-    from avatarserve.serve.app import deploy, grpc_options
+    from avatarserve.serve.builder import deploy, grpc_options
     from avatarserve_client import AvatarClient, CapacityExhausted, VideoBlock, chunk_pcm
 
     work = Path(tempfile.mkdtemp(prefix="avatarserve-scale-"))

@@ -28,6 +28,9 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.support.* (synthetic stages)
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -152,7 +155,7 @@ def hop_latencies_ms(items: list[Any], *, include_caller: bool) -> list[float]:
 async def measure(route: list[str], args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from avatarserve.serve.transport import BlockItem, PipelineClient, TransportOptions, WireTensor
+    from avatarserve.serve.dataplane.transport import BlockItem, PipelineClient, TransportOptions, WireTensor
 
     lat = WireTensor.from_torch(torch.randn(LATENT_SHAPE).to(torch.bfloat16))
     tensors: dict[str, Any] = {"latent": lat}
@@ -196,9 +199,9 @@ async def measure(route: list[str], args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def run_inproc(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    from avatarserve.serve.stage_host import StageHost, StageHostConfig
-    from avatarserve.serve.synthetic import SyntheticStage
-    from avatarserve.serve.transport import TransportOptions
+    from avatarserve.serve.dataplane.stage_host import StageHost, StageHostConfig
+    from tests.support.synthetic import SyntheticStage
+    from avatarserve.serve.dataplane.transport import TransportOptions
 
     hosts = []
     t0 = time.perf_counter()
@@ -222,8 +225,9 @@ def run_ray(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     import ray
     from ray import serve
 
-    from avatarserve.serve.pipeline_app import PipelineAppConfig, StageSpec, build_pipeline_app
-    from avatarserve.serve.registry import ReplicaRegistry
+    from avatarserve.serve.control.registry import ReplicaRegistry
+    from avatarserve.serve.dataplane.stages import StageSpec
+    from tests.support.pipeline_app import SYNTHETIC, PipelineAppConfig, build_pipeline_app
 
     redis_proc = RedisProcess()
     try:
@@ -235,7 +239,7 @@ def run_ray(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
             names = stage_names(args.stages)
             config = PipelineAppConfig(
                 stages=[
-                    StageSpec(n, handler_config={"hold_ms": args.hold_ms}, num_cpus=args.stage_cpus, queue_size=args.queue_size)
+                    StageSpec(n, SYNTHETIC, handler_config={"hold_ms": args.hold_ms}, num_cpus=args.stage_cpus, queue_size=args.queue_size)
                     for n in names
                 ],
                 redis_url=redis_proc.url,

@@ -24,14 +24,14 @@ from typing import AsyncIterator, Awaitable, Callable, Iterator, Optional, Seque
 
 import pytest
 
-from avatarserve.serve.stage_host import StageHost, StageHostConfig
-from avatarserve.serve.synthetic import SinkRole, SyntheticStage
-from avatarserve.serve.transport import TransportOptions
+from avatarserve.serve.dataplane.stage_host import StageHost, StageHostConfig
+from tests.support.synthetic import SinkRole, SyntheticStage
+from avatarserve.serve.dataplane.transport import TransportOptions
 
 # Servicer adders for the Serve gRPC proxy (module:function strings). One Serve instance per test session
 # serves the public API, so it is registered from the start (gRPC options cannot change while Serve runs).
 SERVE_GRPC_SERVICER_FUNCTIONS: list[str] = [
-    "avatarserve.v1.avatar_service_pb2_grpc.add_AvatarServiceServicer_to_server",
+    "avatarserve_client.v1.avatar_service_pb2_grpc.add_AvatarServiceServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 

@@ -20,13 +20,13 @@ from typing import List, Optional
 def _model_info(args: argparse.Namespace) -> int:
     import torch
 
-    from .model.config import get_preset
+    from .model.config import get_preset, stream_config
     from .model.kv_cache import KVCache
     from .model.transformer import CausalS2VTransformer
 
     preset = get_preset(args.config)
     overrides = {k: v for k, v in (("height", args.height), ("width", args.width)) if v}
-    stream = preset.stream.replace(**overrides)
+    stream = stream_config(args.config, overrides)
     with torch.device("meta"):  # no weights are allocated
         model = CausalS2VTransformer(preset.model)
     per_component = {}

@@ -23,8 +23,8 @@ import grpc.aio
 import numpy as np
 from PIL import Image
 
-from avatarserve.v1 import avatar_service_pb2 as pb
-from avatarserve.v1 import avatar_service_pb2_grpc as pb_grpc
+from avatarserve_client.v1 import avatar_service_pb2 as pb
+from avatarserve_client.v1 import avatar_service_pb2_grpc as pb_grpc
 
 FPS = 25
 FRAMES_PER_BLOCK = 12

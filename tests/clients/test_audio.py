@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from avatarserve.v1 import avatar_service_pb2 as pb
+from avatarserve_client.v1 import avatar_service_pb2 as pb
 from avatarserve_client import (INTERRUPT, InvalidArgument, RealtimePacer, chunk_pcm, float_to_pcm16,
                                 read_wav, resample, silence)
 from avatarserve_client._streaming import AudioStamper, SendQueue

@@ -6,7 +6,7 @@ import pytest
 
 from avatarserve_client import MediaError, Mp4Writer, VideoBlock, decode_h264, write_mp4
 from avatarserve_client.media import video_block_from_proto
-from avatarserve.v1 import avatar_service_pb2 as pb
+from avatarserve_client.v1 import avatar_service_pb2 as pb
 
 from .avatar_test_server import encode_h264
 from .conftest import tone

@@ -27,8 +27,8 @@ def test_committed_generated_code_is_up_to_date() -> None:
 
 
 def test_public_api_modules_import_as_packages() -> None:
-    from avatarserve.v1 import avatar_service_pb2 as pb
-    from avatarserve.v1 import avatar_service_pb2_grpc as pb_grpc
+    from avatarserve_client.v1 import avatar_service_pb2 as pb
+    from avatarserve_client.v1 import avatar_service_pb2_grpc as pb_grpc
 
     assert pb.DESCRIPTOR.package == "avatarserve.v1"
     methods = {m.name for m in pb.DESCRIPTOR.services_by_name["AvatarService"].methods}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from avatarserve.v1 import avatar_service_pb2 as pb
+from avatarserve_client.v1 import avatar_service_pb2 as pb
 from avatarserve_client import (INTERRUPT, AvatarClient, CapacityExhausted, EventKind,
                                 FailedPrecondition, InvalidArgument, PermissionDenied,
                                 SessionNotFound, SessionState, StatusEvent, VideoBlock, chunk_pcm,

@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from avatarserve.v1 import avatar_service_pb2 as pb
+from avatarserve_client.v1 import avatar_service_pb2 as pb
 from avatarserve_client import (INTERRUPT, AsyncAvatarClient, CapacityExhausted, EventKind,
                                 FailedPrecondition, PermissionDenied, SessionNotFound, SessionState,
                                 StatusEvent, VideoBlock, chunk_pcm, silence)

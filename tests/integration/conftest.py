@@ -24,8 +24,8 @@ def cluster(serve_instance, redis_server):
     """gRPC address of a running AvatarServe app (tiny model) on the test session's Ray cluster."""
     from ray import serve
 
-    from avatarserve.serve.app import build_app, wait_running
-    from avatarserve.serve.launcher import wait_grpc_healthy
+    from avatarserve.serve.builder import build_app, wait_running
+    from avatarserve.serve.ops.launcher import wait_grpc_healthy
 
     cfg = {"redis_url": redis_server.url, "namespace": "itest:", "registry_namespace": "itest:",
            "model": {"config": "tiny", "seed": 0}}

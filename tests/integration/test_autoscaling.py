@@ -31,7 +31,7 @@ DEPS = ("AudioEncoder", "DenoiseStage0", "VaeDecoder")
 def scale_app(serve_instance, redis_server):
     from ray import serve
 
-    from avatarserve.serve.app import deploy
+    from avatarserve.serve.builder import deploy
 
     cfg = {"name": APP, "route_prefix": "/avatarscale", "redis_url": redis_server.url, "namespace": "scale:",
            "registry_namespace": "scale:", "model": {"config": "tiny", "seed": 0, "stream_overrides": {"num_steps": 1}},
@@ -55,7 +55,7 @@ def _serve_counts() -> Dict[str, Dict[str, int]]:
 
 def _registered(redis_url: str) -> Dict[str, Dict[str, int]]:
     """Live registry view: deployment -> {replica_id: slots in use}."""
-    from avatarserve.serve.registry import ReplicaRegistry
+    from avatarserve.serve.control.registry import ReplicaRegistry
 
     async def go():
         async with ReplicaRegistry.from_url(redis_url, namespace="scale:") as reg:
@@ -165,7 +165,7 @@ def test_sessions_one_to_three_to_one(scale_app):
 
 
 def _denoise_replica_of(redis_url: str, session_id: str) -> set:
-    from avatarserve.serve.registry import ReplicaRegistry
+    from avatarserve.serve.control.registry import ReplicaRegistry
 
     async def go():
         async with ReplicaRegistry.from_url(redis_url, namespace="scale:") as reg:

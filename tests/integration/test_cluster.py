@@ -14,7 +14,7 @@ import torch
 
 from avatarserve.engine.bundle import build_bundle
 from avatarserve.engine.pipeline import SequentialPipeline
-from avatarserve.serve.media import encode_jpeg_frames
+from avatarserve.serve.dataplane.media import encode_jpeg_frames
 
 pytestmark = pytest.mark.integration
 

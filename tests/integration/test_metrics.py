@@ -29,8 +29,8 @@ import numpy as np
 import pytest
 import yaml
 
-from avatarserve.v1 import avatar_service_pb2 as pb
-from avatarserve.v1 import avatar_service_pb2_grpc as pbg
+from avatarserve_client.v1 import avatar_service_pb2 as pb
+from avatarserve_client.v1 import avatar_service_pb2_grpc as pbg
 from avatarserve_client import AvatarClient, CapacityExhausted, EventKind, VideoBlock, chunk_pcm
 
 from .conftest import png
@@ -60,7 +60,7 @@ def _tone(seconds: float, hz: float = 220.0) -> np.ndarray:
 def metrics_app(serve_instance, redis_server):
     from ray import serve
 
-    from avatarserve.serve.app import deploy
+    from avatarserve.serve.builder import deploy
 
     cfg = {"name": APP, "route_prefix": "/avatarmetrics", "redis_url": redis_server.url, "namespace": "metrics:",
            "registry_namespace": "metrics:", "model": {"config": "tiny", "seed": 0, "stream_overrides": {"num_steps": 1}},
@@ -230,7 +230,7 @@ def test_every_grafana_expression_returns_data(traffic, prometheus):
 
 
 def test_exposition_passes_promtool(traffic, ray_cluster):
-    from avatarserve.serve.metrics import EXPORTED_NAMES, RAY_INJECTED_LABELS
+    from avatarserve.serve.ops.metrics import EXPORTED_NAMES, RAY_INJECTED_LABELS
 
     promtool = shutil.which("promtool")
     assert promtool, "promtool is not installed"

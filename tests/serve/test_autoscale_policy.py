@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from avatarserve.serve.autoscale import (
+from avatarserve.serve.control.autoscale import (
     AutoscalePolicyError,
     DeploymentSessionPolicy,
     PolicyParams,
@@ -15,7 +15,7 @@ from avatarserve.serve.autoscale import (
     decide,
     replicas_for,
 )
-from avatarserve.serve.registry import NoReplicaAvailableError, ReplicaInfo, ReplicaRegistry, RouteHop
+from avatarserve.serve.control.registry import NoReplicaAvailableError, ReplicaInfo, ReplicaRegistry, RouteHop
 
 from tests.conftest import RedisServer
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import io
 import time
 
-from avatarserve.serve.app import DeploymentProgress
-from avatarserve.serve.launcher import ProgressDisplay
-from avatarserve.serve.startup import StartupRecord
+from avatarserve.serve.builder import DeploymentProgress
+from avatarserve.serve.ops.launcher import ProgressDisplay
+from avatarserve.serve.control.startup import StartupRecord
 
 
 def _snapshot(audio_phase: str, audio_running: int) -> list:

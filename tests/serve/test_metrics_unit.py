@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from avatarserve.serve.dashboard import (
+from avatarserve.serve.ops.dashboard import (
     DashboardError,
     MetricsHistory,
     histogram_quantile,
@@ -18,7 +18,7 @@ from avatarserve.serve.dashboard import (
     parse_exposition,
     render_page,
 )
-from avatarserve.serve.metrics import (
+from avatarserve.serve.ops.metrics import (
     EXPORTED_NAMES,
     METRICS,
     MetricSpec,

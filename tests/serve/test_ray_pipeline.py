@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from avatarserve.serve.config import TimeoutsConfig
-from avatarserve.serve.pipeline_app import PipelineAppConfig, StageSpec, build_pipeline_app
-from avatarserve.serve.registry import ReplicaRegistry, RouteHop
-from avatarserve.serve.transport import BlockItem, PipelineClient, WireTensor
+from avatarserve.serve.dataplane.stages import StageSpec
+from tests.support.pipeline_app import SYNTHETIC, PipelineAppConfig, build_pipeline_app
+from avatarserve.serve.control.registry import ReplicaRegistry, RouteHop
+from avatarserve.serve.dataplane.transport import BlockItem, PipelineClient, WireTensor
 
 from tests.conftest import RedisServer
 
@@ -23,7 +24,7 @@ def test_synthetic_chain_streams_through_ray_serve(serve_instance, redis_server:
     from ray import serve
 
     config = PipelineAppConfig(
-        stages=[StageSpec(name, handler_config={"hold_ms": 10}, num_cpus=0.05, capacity=4) for name in STAGES],
+        stages=[StageSpec(name, SYNTHETIC, handler_config={"hold_ms": 10}, num_cpus=0.05, capacity=4) for name in STAGES],
         redis_url=redis_server.url,
         namespace=redis_namespace,
         timeouts=TimeoutsConfig(heartbeat_s=0.5, registry_ttl_s=3.0),

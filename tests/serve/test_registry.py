@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
-from avatarserve.serve.registry import (
+from avatarserve.serve.control.registry import (
     NoReplicaAvailableError,
     RegistryError,
     ReplicaHeartbeat,

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from avatarserve.serve.synthetic import SINK_KIND, SyntheticSessionConfig
-from avatarserve.serve.transport import (
+from tests.support.synthetic import SINK_KIND, SyntheticSessionConfig
+from avatarserve.serve.dataplane.transport import (
     BlockItem,
     ControlBoard,
     ControlItem,
@@ -399,8 +399,8 @@ async def test_losing_a_hop_reports_unavailable_and_frees_the_rest(synthetic_cha
 
 
 async def test_background_host_runs_on_its_own_thread() -> None:
-    from avatarserve.serve.stage_host import BackgroundStageHost, StageHostConfig
-    from avatarserve.serve.synthetic import SyntheticStage
+    from avatarserve.serve.dataplane.stage_host import BackgroundStageHost, StageHostConfig
+    from tests.support.synthetic import SyntheticStage
 
     bg = BackgroundStageHost(lambda: SyntheticStage(0.0, name="bg"), StageHostConfig(name="bg"))
     address = await asyncio.to_thread(bg.start)
@@ -426,8 +426,8 @@ async def test_background_host_serves_before_its_handler_is_loaded() -> None:
     attached every Pipe is answered UNAVAILABLE (a loading replica is not a failed one)."""
     import threading
 
-    from avatarserve.serve.stage_host import BackgroundStageHost, StageHostConfig
-    from avatarserve.serve.synthetic import SyntheticStage
+    from avatarserve.serve.dataplane.stage_host import BackgroundStageHost, StageHostConfig
+    from tests.support.synthetic import SyntheticStage
 
     loading, release = threading.Event(), threading.Event()
 

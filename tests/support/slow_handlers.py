@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 def slow_audio_encoder(config: Mapping[str, Any]):
     time.sleep(float(os.environ.get("AVATARSERVE_TEST_LOAD_DELAY_S", "90")))
-    from avatarserve.serve.handlers import audio_encoder
+    from avatarserve.serve.dataplane.handlers import audio_encoder
 
     return audio_encoder(config)
 

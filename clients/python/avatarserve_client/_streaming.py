@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from avatarserve.v1 import avatar_service_pb2 as pb
+from avatarserve_client.v1 import avatar_service_pb2 as pb
 
 from .audio import float_to_pcm16, pcm_to_bytes, pts_ms_for
 from .errors import InvalidArgument

@@ -9,8 +9,8 @@ from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 import grpc
 import grpc.aio
 
-from avatarserve.v1 import avatar_service_pb2 as pb
-from avatarserve.v1 import avatar_service_pb2_grpc as pb_grpc
+from avatarserve_client.v1 import avatar_service_pb2 as pb
+from avatarserve_client.v1 import avatar_service_pb2_grpc as pb_grpc
 
 from ._streaming import (DEFAULT_MAX_MESSAGE_BYTES, AsyncSendQueue, AudioStamper, StreamStats,
                          control_message, load_image_bytes)

@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 
 import numpy as np
 
-from avatarserve.v1 import avatar_service_pb2 as pb
+from avatarserve_client.v1 import avatar_service_pb2 as pb
 
 from .errors import InvalidArgument
 

@@ -8,8 +8,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import grpc
 
-from avatarserve.v1 import avatar_service_pb2 as pb
-from avatarserve.v1 import avatar_service_pb2_grpc as pb_grpc
+from avatarserve_client.v1 import avatar_service_pb2 as pb
+from avatarserve_client.v1 import avatar_service_pb2_grpc as pb_grpc
 
 from ._streaming import (DEFAULT_MAX_MESSAGE_BYTES, AudioStamper, SendQueue, StreamStats,
                          control_message, load_image_bytes)

@@ -10,7 +10,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from avatarserve.v1 import avatar_service_pb2 as pb
+from avatarserve_client.v1 import avatar_service_pb2 as pb
 
 from .errors import InvalidArgument, MediaError, ProtocolError
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Iterable, Sequence
 
-from avatarserve.v1 import avatar_service_pb2 as pb
+from avatarserve_client.v1 import avatar_service_pb2 as pb
 
 from .errors import InvalidArgument
 

@@ -12,11 +12,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..model.config import ModelConfig, Preset, StreamConfig, get_preset
+from ..model.config import ModelConfig, Preset, StreamConfig, get_preset, stream_config
 from ..model.sampler import FlowMatchSchedule
 from ..model.transformer import CausalS2VTransformer
+from .loading import ALL_COMPONENTS, load_bundle_components
 
-ALL_COMPONENTS = ("transformer", "vae", "audio", "text")
 
 
 @dataclass
@@ -55,14 +55,13 @@ def build_bundle(
     if unknown:
         raise ValueError(f"unknown components {sorted(unknown)}; known: {ALL_COMPONENTS}")
     preset = get_preset(config)
-    stream = preset.stream.replace(**(stream_overrides or {}))
+    stream = stream_config(config, stream_overrides)
     schedule = FlowMatchSchedule.create(stream.num_steps, stream.shift, stream.num_train_timesteps)
     if checkpoint is None and preset.extras.get("default_checkpoint"):
         # Weights that ship inside the package (the `toy` model), relative to the avatarserve package.
         checkpoint = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                   preset.extras["default_checkpoint"])
     if checkpoint is not None:
-        from .loading import load_bundle_components
 
         from ..model.checkpoint import read_model_config
 

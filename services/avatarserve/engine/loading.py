@@ -28,7 +28,9 @@ from ..model.checkpoint import (
 )
 from ..model.config import Preset
 from ..model.transformer import CausalS2VTransformer
-from .bundle import ALL_COMPONENTS
+
+# The parts of a model bundle a replica can be built with (a stage replica builds only what it runs).
+ALL_COMPONENTS = ("transformer", "vae", "audio", "text")
 
 LORA_FILE = "liveavatar.safetensors"
 VAE_CANDIDATES = ("vae", "Wan2.1_VAE.pth")

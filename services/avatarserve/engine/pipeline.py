@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .bundle import ModelBundle
-from .runners import AudioEncoderRunner, BlockPayload, DecoderRunner, StageRunner
+from .runners import AudioEncoderRunner, BlockPayload, DecoderRunner, StageRunner, adaptive_sink_latent
 
 
 @dataclass
@@ -70,8 +70,8 @@ class SequentialPipeline:
     def run_block(self, payload: BlockPayload) -> VideoBlock:
         for stage in self.stages:
             payload = stage.step(payload)
-        if payload.block_index == 0 and self.stream.adaptive_sink:
-            aas = payload.latents[:, :, :1]
+        aas = adaptive_sink_latent(self.stream, payload)
+        if aas is not None:
             for stage in self.stages:
                 stage.set_aas_latent(payload.session_id, aas)
         frames = self.decoder.decode(payload)

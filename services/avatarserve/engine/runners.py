@@ -23,10 +23,10 @@ from ..model.kv_cache import KVCache
 from ..model.sampler import FlowMatchSchedule
 from ..model.transformer import CausalS2VTransformer, ModelInputError, SinkInputs
 from .errors import BlockOrderError, InvalidInput, SessionExists, SessionNotFound
+from .idle import is_idle
 from .sink import SinkState, block_noise, prepare_sink
 
 # A block whose audio RMS is below this (on [-1, 1] PCM) is reported as idle (made from silence).
-IDLE_RMS = 1e-3
 
 
 @dataclass
@@ -135,12 +135,11 @@ class AudioEncoderRunner:
             return None
         b = s.next_block
         feats = self.extractor.block_features(s.state, b, self.stream.frames_per_block)
-        rms = float(self.extractor.block_rms(s.state, b, self.stream.frames_per_block)) if hasattr(
-            self.extractor, "block_rms") else 1.0
+        rms = float(self.extractor.block_rms(s.state, b, self.stream.frames_per_block))
         s.next_block += 1
         pts_ms = round(b * self.stream.block_seconds * 1000)
         return BlockPayload(session_id=session_id, block_index=b, pts_ms=pts_ms,
-                            audio=feats.unsqueeze(0).float(), is_idle=rms < IDLE_RMS)
+                            audio=feats.unsqueeze(0).float(), is_idle=is_idle(rms))
 
     def close(self, session_id: str) -> None:
         self.sessions.pop(session_id)
@@ -153,6 +152,15 @@ class _StageSession:
     sink: SinkState
     text: torch.Tensor  # projected text embeddings [1, text_len, dim]
     next_block: int = 0
+
+
+def adaptive_sink_latent(stream: StreamConfig, payload: BlockPayload) -> Optional[torch.Tensor]:
+    """The adaptive attention sink (AAS): the first latent frame of block 0 after the last denoising step; None for
+    any other block or when the adaptive sink is off. The sequential pipeline and the cluster's last stage both take
+    it from here, so they stay equal."""
+    if payload.block_index != 0 or not stream.adaptive_sink or payload.latents is None:
+        return None
+    return payload.latents[:, :, :1].contiguous()
 
 
 class StageRunner:

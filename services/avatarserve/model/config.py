@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 
 class ConfigError(ValueError):
@@ -294,3 +294,13 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name]
     except KeyError:
         raise ConfigError(f"unknown config {name!r}; known: {', '.join(sorted(PRESETS))}") from None
+
+
+def stream_config(name: str, overrides: Optional[Mapping[str, Any]] = None) -> StreamConfig:
+    """The stream settings of preset `name` with `overrides` applied (the one place this is derived)."""
+    stream = get_preset(name).stream
+    overrides = dict(overrides or {})
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(StreamConfig)}
+    if unknown:
+        raise ConfigError(f"unknown stream settings {sorted(unknown)}")
+    return stream.replace(**overrides) if overrides else stream

@@ -1,4 +1,9 @@
-"""Typed, validated serving configuration: every timeout and lifetime of the serving layer in one place.
+"""Typed, validated serving configuration: the application config and every timeout of the serving layer.
+
+`AppConfig` is the `app:` section of a deployment file (deploy/*.yaml) and the Serve application's args: the
+builder, the deployments, the gateway and the launcher take it (or one of its sections), never a raw dict. Every
+field has one default, here, and a description. Unknown keys and wrong types fail at `avatarserve up` / deploy time
+with the key's path named (`app.timeouts.pipe_open_sx: Extra inputs are not permitted`).
 
 `TimeoutsConfig` is the `timeouts:` section of a deployment file's `app:` block (deploy/*.yaml) and of the Serve
 application's args. Defaults are sized for the real model (Wan2.2-S2V-14B, weights read from a slow network disk,
@@ -18,11 +23,11 @@ Unknown keys and wrong types fail when the application is built, naming the key'
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Literal, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-__all__ = ["ConfigError", "ReplicaTimeouts", "TimeoutsConfig", "format_validation_error"]
+__all__ = ["AppConfig", "ConfigError", "ROLES", "ReplicaTimeouts", "TimeoutsConfig", "format_validation_error"]
 
 
 class ConfigError(ValueError):
@@ -33,12 +38,23 @@ def format_validation_error(exc: ValidationError, prefix: str) -> str:
     parts = []
     for err in exc.errors():
         path = ".".join([prefix, *(str(p) for p in err["loc"])]) if prefix else ".".join(str(p) for p in err["loc"])
-        parts.append(f"{path}: {err['msg']}")
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{path}: {msg}" if path else msg)
     return "; ".join(parts)
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def _validate(cls, raw: Any, path: str) -> Any:
+        """Validate a mapping; every error names its key's path under `path`."""
+        if raw is not None and not isinstance(raw, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {type(raw).__name__}")
+        try:
+            return cls.model_validate(dict(raw or {}))
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, path)) from exc
 
 
 class ReplicaTimeouts(_Strict):
@@ -110,7 +126,7 @@ class TimeoutsConfig(ReplicaTimeouts):
         description="How long an admitted session holds its slots on every stage before its stream opens.")
     session_ttl_s: float = Field(
         3600.0, gt=0,
-        description="Lifetime of a session's Redis keys (session, sink, route, replay log) after its last stream "
+        description="Lifetime of a session's Redis keys (session, sink, route, stream lock) after its last stream "
                     "activity; refreshed while a stream is open, so a live stream never expires.")
     redis_start_s: float = Field(60.0, gt=0, description="`avatarserve up`: redis-server must accept connections "
                                                          "within this time (it fails at once if it exits).")
@@ -147,12 +163,7 @@ class TimeoutsConfig(ReplicaTimeouts):
     def parse(cls, raw: Optional[Mapping[str, Any]], path: str = "app.timeouts") -> "TimeoutsConfig":
         if isinstance(raw, TimeoutsConfig):
             return raw
-        if raw is not None and not isinstance(raw, Mapping):
-            raise ConfigError(f"{path}: expected a mapping, got {type(raw).__name__}")
-        try:
-            return cls.model_validate(dict(raw or {}))
-        except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, path)) from exc
+        return cls._validate(raw, path)
 
 
 # App keys that used to sit at the top of `app:` and now live in `app.timeouts` (a clear error, not a silent default).
@@ -167,7 +178,209 @@ MOVED_KEYS = {
 }
 
 
-def check_moved_keys(app_cfg: Mapping[str, Any], path: str = "app") -> None:
-    moved = {k: v for k, v in MOVED_KEYS.items() if k in app_cfg}
-    if moved:
-        raise ConfigError("; ".join(f"{path}.{old} moved to {path}.timeouts.{new}" for old, new in sorted(moved.items())))
+# --------------------------------------------------------------------------------------------- the application
+
+
+ROLES = ("audio", "denoise", "vae")
+_HANDLER_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
+
+
+class ModelSection(_Strict):
+    """Which model every stage replica loads."""
+
+    config: str = Field("toy", description="Preset name (model/config.py): `toy` (the embedded default), `tiny` "
+                                           "(random weights, tests), `liveavatar-14b` (the real model).")
+    checkpoint: Optional[str] = Field(None, description="Local checkpoint folder in the official layout; unset: the "
+                                                        "preset's shipped weights (random for tiny).")
+    seed: int = Field(0, description="Seed of randomly initialised weights (tiny).")
+    device: str = Field("cpu", description="torch device of every stage (cpu, cuda, cuda:1, ...).")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weights and activations dtype.")
+    stream_overrides: Dict[str, Any] = Field(default_factory=dict,
+                                             description="StreamConfig fields replaced on the preset's (e.g. num_steps).")
+
+    @model_validator(mode="after")
+    def _known_preset(self) -> "ModelSection":
+        self.stream  # raises for an unknown preset or stream field
+        return self
+
+    @property
+    def stream(self):
+        from avatarserve.model.config import stream_config
+
+        return stream_config(self.config, self.stream_overrides)
+
+
+class ActorResources(_Strict):
+    num_cpus: float = Field(0.1, ge=0, description="Logical CPUs a replica reserves (fractions allowed).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs a replica reserves (fractions share one GPU).")
+
+
+class Resources(_Strict):
+    """Ray actor resources per role."""
+
+    gateway: ActorResources = Field(default_factory=ActorResources)
+    audio: ActorResources = Field(default_factory=ActorResources)
+    denoise: ActorResources = Field(default_factory=ActorResources)
+    vae: ActorResources = Field(default_factory=ActorResources)
+    cache: ActorResources = Field(default_factory=lambda: ActorResources(num_cpus=0.05))
+
+
+class Replicas(_Strict):
+    """Fixed replica counts per role (with autoscaling: the default min/max)."""
+
+    gateway: int = Field(1, ge=1)
+    audio: int = Field(1, ge=1)
+    denoise: int = Field(1, ge=1)
+    vae: int = Field(1, ge=1)
+
+
+class Capacity(_Strict):
+    """Sessions one replica of a role holds (its KV caches / streaming state): the autoscaling unit."""
+
+    audio: int = Field(8, ge=1)
+    denoise: int = Field(8, ge=1)
+    vae: int = Field(8, ge=1)
+
+
+class RoleCounts(_Strict):
+    audio: Optional[int] = Field(None, ge=0)
+    denoise: Optional[int] = Field(None, ge=0)
+    vae: Optional[int] = Field(None, ge=0)
+
+
+class AutoscalingSection(_Strict):
+    """Session-driven autoscaling (control/autoscale.py): each stage is sized from the sessions it holds plus
+    CreateSession calls parked for a slot, ceil(slots / capacity) with slots = max(D * (1 + headroom_fraction),
+    D + headroom_sessions); it shrinks only below the band widened by `hysteresis` and after `downscale_stable_s`."""
+
+    enabled: bool = Field(False, description="Off: fixed replica counts (`replicas`).")
+    min_replicas: RoleCounts = Field(default_factory=RoleCounts, description="Per role; default `replicas`.")
+    max_replicas: RoleCounts = Field(default_factory=RoleCounts, description="Per role; default max(min, replicas).")
+    initial_replicas: RoleCounts = Field(default_factory=RoleCounts, description="Per role; default max(1, min).")
+    headroom_fraction: float = Field(0.2, ge=0, description="Spare slots as a fraction of demand.")
+    headroom_sessions: int = Field(1, ge=0, description="Spare slots at least.")
+    hysteresis: float = Field(0.2, ge=0, lt=1, description="Shrink only below demand widened by this fraction.")
+    downscale_stable_s: float = Field(30.0, ge=0, description="Demand must stay low this long before a shrink.")
+    scale_to_zero: bool = Field(False, description="Allow min_replicas 0 (idle stages release their GPUs).")
+    scale_to_zero_after_s: float = Field(300.0, ge=0, description="Idle time before a stage goes to zero.")
+    metrics_interval_s: float = Field(1.0, gt=0, description="How often replicas report sessions to Serve.")
+    look_back_period_s: float = Field(5.0, gt=0, description="Serve's averaging window; must exceed the interval.")
+
+    @model_validator(mode="after")
+    def _window(self) -> "AutoscalingSection":
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError(f"look_back_period_s ({self.look_back_period_s}) must exceed metrics_interval_s "
+                             f"({self.metrics_interval_s})")
+        return self
+
+    def min_of(self, role: str, fixed: Replicas) -> int:
+        v = getattr(self.min_replicas, role)
+        return getattr(fixed, role) if v is None else v
+
+    def max_of(self, role: str, fixed: Replicas) -> int:
+        v = getattr(self.max_replicas, role)
+        return max(self.min_of(role, fixed), getattr(fixed, role)) if v is None else v
+
+    def initial_of(self, role: str, fixed: Replicas) -> int:
+        v = getattr(self.initial_replicas, role)
+        return max(1, self.min_of(role, fixed)) if v is None else v
+
+
+class OpsSection(_Strict):
+    """The built-in ops page at `{route_prefix}/ops/` (ops/dashboard.py)."""
+
+    enabled: bool = Field(True)
+    sample_interval_s: float = Field(5.0, gt=0, description="How often the page's metrics are scraped.")
+    window_s: float = Field(30.0, gt=0, description="Rates and quantiles over this window.")
+    history_s: float = Field(900.0, gt=0, description="How much history the charts keep.")
+    title: str = Field("AvatarServe operations")
+    refresh_ms: Optional[int] = Field(None, ge=100, description="Page refresh; default the sample interval.")
+    metrics_urls: List[str] = Field(default_factory=list, description="Prometheus exposition URLs to scrape; "
+                                                                      "default: every Ray node's metrics agent.")
+    num_cpus: float = Field(0.05, ge=0)
+
+
+class Handlers(_Strict):
+    """Replace a role's stage handler factory ("module:callable"): custom handlers, start-up tests."""
+
+    audio: Optional[str] = Field(None, pattern=_HANDLER_PATH)
+    denoise: Optional[str] = Field(None, pattern=_HANDLER_PATH)
+    vae: Optional[str] = Field(None, pattern=_HANDLER_PATH)
+
+
+class AppConfig(_Strict):
+    """The `app:` section of a deployment file (deploy/*.yaml), equal to the Serve application's args."""
+
+    name: str = Field("avatarserve", description="Serve application name (gRPC clients send it as metadata).")
+    route_prefix: str = Field("/avatarserve", description="Route prefix; gRPC needs one, the ops page lives under it.")
+    redis_url: Optional[str] = Field(None, description="Redis of the sink-frame cache and the replica registry; "
+                                                       "`avatarserve up` fills it in.")
+    namespace: str = Field("avatarserve:", description="Key prefix of the session store.")
+    bind_host: str = Field("127.0.0.1", description="Address stage replicas bind their data-plane gRPC server to.")
+    advertise_host: Optional[str] = Field(None, description="Address stage replicas register for other hops; "
+                                                            "default: bind_host, or the node's IP for a wildcard bind.")
+    registry_namespace: str = Field("", description="Key prefix of the replica registry and startup records.")
+    model: ModelSection = Field(default_factory=ModelSection)
+    torch_threads: int = Field(1, ge=1, description="torch threads per stage replica.")
+    resources: Resources = Field(default_factory=Resources)
+    replicas: Replicas = Field(default_factory=Replicas)
+    capacity: Capacity = Field(default_factory=Capacity)
+    queue_size: int = Field(2, ge=1, description="Blocks queued per hop per session (back-pressure depth).")
+    max_in_flight: Optional[int] = Field(None, ge=1, description="Blocks a session has in the pipeline at once; "
+                                                                 "default: stages + 2 (keeps TPP full).")
+    gateway_max_ongoing: int = Field(256, ge=1, description="Concurrent requests (streams) per gateway replica.")
+    graceful_shutdown_timeout_s: Optional[float] = Field(None, gt=0, description="Override Serve's shutdown budget; "
+                                                         "default: timeouts.session_drain_s + 10 s.")
+    retry_after_ms: int = Field(2000, ge=0, description="Hint sent with RESOURCE_EXHAUSTED.")
+    admission_poll_s: float = Field(0.1, gt=0, description="How often a parked CreateSession retries.")
+    late_after_s: float = Field(3.0, ge=0, description="A frame delivered later than this after its audio is late.")
+    fps_window_s: float = Field(5.0, gt=0, description="Window of the per-session FPS metrics.")
+    fps_sample_s: float = Field(1.0, gt=0, description="How often per-session FPS is sampled.")
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    autoscaling: AutoscalingSection = Field(default_factory=AutoscalingSection)
+    ops: OpsSection = Field(default_factory=OpsSection)
+    handlers: Handlers = Field(default_factory=Handlers)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "AppConfig":
+        self.timeouts.check_deployments(self.stage_deployments)
+        for role in ROLES:
+            lo, hi = self.autoscaling.min_of(role, self.replicas), self.autoscaling.max_of(role, self.replicas)
+            if lo < 0 or hi < 1 or lo > hi:
+                raise ValueError(f"autoscaling {role}: need 0 <= min_replicas ({lo}) <= max_replicas ({hi}), max >= 1")
+            if lo == 0 and self.autoscaling.enabled and not self.autoscaling.scale_to_zero:
+                raise ValueError(f"autoscaling {role}: min_replicas 0 needs scale_to_zero: true")
+        return self
+
+    @property
+    def stream(self):
+        return self.model.stream
+
+    @property
+    def stage_deployments(self) -> List[str]:
+        """The pipeline's stage deployments in route order."""
+        return ["AudioEncoder", *(f"DenoiseStage{k}" for k in range(self.stream.num_steps)), "VaeDecoder"]
+
+    @staticmethod
+    def role_of(deployment: str) -> str:
+        return {"AudioEncoder": "audio", "VaeDecoder": "vae"}.get(deployment, "denoise")
+
+    @property
+    def in_flight_limit(self) -> int:
+        return self.max_in_flight or len(self.stage_deployments) + 2
+
+    def require_redis(self) -> str:
+        if not self.redis_url:
+            raise ConfigError("app.redis_url is not set (`avatarserve up` sets it; or set REDIS_URL)")
+        return self.redis_url
+
+    @classmethod
+    def parse(cls, raw: Any, path: str = "app") -> "AppConfig":
+        """Validate a mapping (YAML `app:` section, Serve args); errors name the key's path."""
+        if isinstance(raw, AppConfig):
+            return raw
+        if isinstance(raw, Mapping):
+            moved = sorted(k for k in MOVED_KEYS if k in raw)
+            if moved:
+                raise ConfigError("; ".join(f"{path}.{k} moved to {path}.timeouts.{MOVED_KEYS[k]}" for k in moved))
+        return cls._validate(raw, path)

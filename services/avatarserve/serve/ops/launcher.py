@@ -8,7 +8,7 @@ health checks, and prints the addresses. Prometheus scrapes `127.0.0.1:{metrics_
 What it started is recorded in a state file (default ~/.avatarserve/local-cluster.json).
 
 While it waits, `up` shows what is happening on stderr: which replicas are ready out of how many and what each one
-is doing (starting, importing, loading weights, ready: serve/startup.py), as a live display on a terminal and as
+is doing (starting, importing, loading weights, ready: serve/control/startup.py), as a live display on a terminal and as
 plain lines otherwise. Nothing in it has a wall-clock limit around model loading: every wait is a named key of
 `app.timeouts` (serve/config.py), and a wait on a process fails at once when that process exits. On a real failure
 it names the replica, its exception and its log file, stops what it started and exits non-zero.
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -34,7 +33,8 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from .config import ConfigError, TimeoutsConfig, check_moved_keys
+from avatarserve.serve.config import AppConfig, ConfigError
+from avatarserve.serve.ops.progress import ProgressDisplay
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "deploy" / "local.yaml"
 STATE_DIR = Path(os.environ.get("AVATARSERVE_STATE_DIR", Path.home() / ".avatarserve"))
@@ -59,17 +59,12 @@ def load_config(path: Optional[str | os.PathLike] = None) -> Dict[str, Any]:
         cfg = yaml.safe_load(fh) or {}
     if not isinstance(cfg, dict):
         raise LauncherError(f"{p}: expected a mapping at the top level")
-    try:  # fail before anything starts
-        check_moved_keys(cfg.get("app") or {})
-        TimeoutsConfig.parse((cfg.get("app") or {}).get("timeouts"))
+    try:  # the whole app section is validated before anything starts
+        cfg["app"] = AppConfig.parse(cfg.get("app"))
     except ConfigError as exc:
         raise LauncherError(f"{p}: {exc}") from exc
     cfg["_path"] = str(p)
     return cfg
-
-
-def timeouts_of(cfg: Dict[str, Any]) -> TimeoutsConfig:
-    return TimeoutsConfig.parse((cfg.get("app") or {}).get("timeouts"))
 
 
 @dataclass
@@ -214,82 +209,24 @@ def _kill_pid(pid: int, timeout: float = 10.0) -> None:
 
 
 def deploy_app(cfg: Dict[str, Any], ray_address: str, redis_url: str, grpc_port: int, http_port: int,
-               progress: Optional["ProgressDisplay"] = None) -> None:
+               progress: Optional[ProgressDisplay] = None) -> None:
     """Connect to the cluster and deploy the Serve app (driver exits afterwards; Serve keeps running)."""
     os.environ.update({k: v for k, v in ray_env().items() if k.startswith("RAY_")})
     import ray
     from ray import serve
 
-    from .app import AppConfigError, deploy, grpc_options, http_options
+    from avatarserve.serve.builder import deploy, grpc_options, http_options
 
     ray.init(address=ray_address, log_to_driver=False, namespace="avatarserve")
     try:
         serve.start(grpc_options=grpc_options(grpc_port), http_options=http_options(http_port))
-        app_cfg = dict(cfg.get("app", {}))
-        app_cfg["redis_url"] = redis_url
+        app: AppConfig = cfg["app"].model_copy(update={"redis_url": redis_url})
         try:
-            deploy(app_cfg, timeout_s=timeouts_of(cfg).deploy_s, on_progress=progress.update if progress else None)
-        except (AppConfigError, TimeoutError) as exc:
+            deploy(app, timeout_s=app.timeouts.deploy_s, on_progress=progress.update if progress else None)
+        except (ConfigError, TimeoutError) as exc:
             raise LauncherError(str(exc)) from exc
     finally:
         ray.shutdown()
-
-
-_SECONDS = re.compile(r" \[\d+s\]")
-
-
-class ProgressDisplay:
-    """Replica readiness while the application deploys: a live block on a terminal, plain lines otherwise."""
-
-    def __init__(self, stream: Any = None, live: Optional[bool] = None) -> None:
-        self.stream = stream if stream is not None else sys.stderr
-        self.live = self.stream.isatty() if live is None else live
-        self._shown = 0  # lines drawn by the last live frame
-        self._last_lines: Dict[str, str] = {}
-        self.started = time.monotonic()
-
-    @staticmethod
-    def groups(progress: list) -> List[List[str]]:
-        """One group of lines per deployment: its summary, then one line per replica that is not ready yet."""
-        out = []
-        for p in progress:
-            lines: List[str] = []
-            states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(p.replica_states.items()) if n and s != "RUNNING")
-            head = f"{p.name}: {p.running}/{max(p.total, p.running)} ready" + (f" ({states})" if states else "")
-            lines.append(head)
-            for r in p.replicas:
-                if r.phase == "ready" and p.running >= p.total:
-                    continue
-                what = {"loading": "loading weights", "importing": "importing"}.get(r.phase, r.phase)
-                detail = f" {r.detail}" if r.detail and r.phase in ("loading", "importing") else ""
-                err = f": {r.error}" if r.error else ""
-                log = f" (log: {r.log_file})" if r.phase == "failed" and r.log_file else ""
-                lines.append(f"  #{r.replica_id}: {what}{detail}{err} [{r.phase_seconds:.0f}s]{log}")
-            if not p.replicas and p.running < max(1, p.total):
-                lines.append("  starting the replica process (scheduling, importing Python modules)")
-            msg = p.message.strip().splitlines()[0] if p.message.strip() else ""
-            if msg and p.running < max(1, p.total):
-                lines.append(f"  serve: {msg[:200]}")
-            out.append(lines)
-        return out
-
-    def update(self, progress: list) -> None:
-        groups = self.groups(progress)
-        elapsed = f"[up {time.monotonic() - self.started:.0f}s]"
-        if self.live:
-            frame = [f"deploying {elapsed}", *(line for g in groups for line in g)]
-            if self._shown:
-                self.stream.write(f"\x1b[{self._shown}F\x1b[J")  # back to the frame's first line, clear below
-            self.stream.write("\n".join(frame) + "\n")
-            self._shown = len(frame)
-        else:
-            # Plain lines: one per deployment whose summary changed (seconds counters excluded from the comparison).
-            for p, group in zip(progress, groups):
-                key = "\n".join(_SECONDS.sub("", x) for x in group)
-                if self._last_lines.get(p.name) != key:
-                    self._last_lines[p.name] = key
-                    self.stream.write(f"[up] {elapsed} " + " | ".join(x.strip() for x in group) + "\n")
-        self.stream.flush()
 
 
 def wait_grpc_healthy(address: str, timeout: float = 120.0) -> None:
@@ -318,7 +255,8 @@ def up(config_path: Optional[str] = None, *, state_file: Path = STATE_FILE, quie
         raise LauncherError(f"a local cluster is already recorded in {state_file} (gRPC {existing.grpc_address}); "
                             "run `avatarserve down` first")
     cfg = load_config(config_path)
-    timeouts = timeouts_of(cfg)
+    app: AppConfig = cfg["app"]
+    timeouts = app.timeouts
     cl = cfg.get("cluster", {})
     grpc_port = int(cl.get("grpc_port") or free_port())
     http_port = int(cl.get("http_port") or free_port())
@@ -338,9 +276,8 @@ def up(config_path: Optional[str] = None, *, state_file: Path = STATE_FILE, quie
                              http_address=f"http://127.0.0.1:{http_port}", ray_address=ray_address,
                              redis_url=redis_url, redis_pid=redis_pid, ray_pgid=ray_pgid,
                              metrics_export_port=metrics_port, temp_dir=str(temp_dir),
-                             app_name=cfg.get("app", {}).get("name", "avatarserve"),
-                             ops_url=(f"http://127.0.0.1:{http_port}{cfg.get('app', {}).get('route_prefix', '/avatarserve')}/ops/"
-                                      if (cfg.get("app", {}).get("ops") or {}).get("enabled", True) else None))
+                             app_name=app.name,
+                             ops_url=f"http://127.0.0.1:{http_port}{app.route_prefix}/ops/" if app.ops.enabled else None)
         state.save(state_file)  # record before deploying so `down` can clean up a half-started cluster
         deploy_app(cfg, ray_address, redis_url, grpc_port, http_port, progress=None if quiet else ProgressDisplay())
         wait_grpc_healthy(state.grpc_address, timeouts.health_s)

@@ -24,9 +24,9 @@ from typing import Any, AsyncIterator, Callable, Dict, Optional
 
 import numpy as np
 
-from avatarserve.v1 import avatar_service_pb2 as pb
+from avatarserve_client.v1 import avatar_service_pb2 as pb
 
-from .transport import BlockItem, ControlItem, ErrorCode, PipelineError
+from avatarserve.serve.dataplane.transport import BlockItem, ControlItem, ErrorCode, PipelineError
 
 IDLE_RMS = 1e-3
 
@@ -391,7 +391,7 @@ class StreamController:
 
 
 def _as_numpy(t) -> np.ndarray:
-    from .transport import WireTensor
+    from avatarserve.serve.dataplane.transport import WireTensor
 
     return WireTensor.of(t).numpy()
 

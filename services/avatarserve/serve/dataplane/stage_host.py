@@ -34,8 +34,9 @@ from typing import Any, Callable, Coroutine, Optional, TypeVar, Union
 import grpc
 import grpc.aio
 
-from avatarserve.serve.transport import (
+from avatarserve.serve.dataplane.transport import (
     BlockItem,
+    ChannelPool,
     ControlItem,
     ErrorCode,
     HopStamp,
@@ -160,7 +161,7 @@ class _HopSession:
             if self.route:
                 try:
                     self.call, hops = await open_pipe(
-                        self.host._channel(self.route[0]),
+                        self.host._channels.get(self.route[0]),
                         self.sid,
                         self.route,
                         self.config,
@@ -420,7 +421,7 @@ class StageHost:
         self.handler: Optional[StageHandler] = handler  # None while the replica loads its model (see `attach`)
         self.config = config or StageHostConfig()
         self._server: Optional[grpc.aio.Server] = None
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels = ChannelPool(self.config.transport)
         self._sessions: dict[str, _HopSession] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._address: Optional[str] = None
@@ -500,9 +501,7 @@ class StageHost:
             await server.stop(grace_s)
         if self._closing:
             await asyncio.gather(*list(self._closing), return_exceptions=True)
-        channels, self._channels = list(self._channels.values()), {}
-        for ch in channels:
-            await ch.close()
+        await self._channels.close()
         self._address = None
 
     async def __aenter__(self) -> "StageHost":
@@ -512,12 +511,6 @@ class StageHost:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        ch = self._channels.get(address)
-        if ch is None:
-            ch = grpc.aio.insecure_channel(address, options=self.config.transport.channel_options())
-            self._channels[address] = ch
-        return ch
 
     def _reject(self, session_id: str, code: ErrorCode, message: str) -> pb.StageMessage:
         return pb.StageMessage(error=pb.Error(session_id=session_id, code=int(code), message=message, origin=self.name))

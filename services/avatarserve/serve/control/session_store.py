@@ -3,7 +3,6 @@
 Keys (under `namespace`, default "avatarserve:"):
     session:{sid}        hash   token_sha256, state, width, height, seed, created_ms, options (JSON), counters
     sink:{sid}           string safetensors bytes: reference, motion, text (+ aas once known) latents
-    replay:{sid}:{stage} list   the last `window` inputs of that stage (newest first), safetensors bytes each
     streamlock:{sid}     string the gateway replica whose stream holds the session
 
 Every key is written with a TTL (`session_ttl_s`) and no write creates one without it: counters and state change
@@ -28,7 +27,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ..engine.sink import SinkState
+from avatarserve.engine.sink import SinkState
 
 SESSION_FIELDS = ("audio_samples", "blocks_generated", "blocks_delivered", "frames_delivered", "interrupts",
                   "idle_blocks")
@@ -99,7 +98,7 @@ return 0
 """
 
 
-class SinkFrameStore:
+class SessionStore:
     def __init__(self, client: aioredis.Redis, *, namespace: str = "avatarserve:", ttl_s: float = 3600.0):
         if ttl_s <= 0:
             raise StoreError(f"session ttl must be > 0, got {ttl_s}")
@@ -111,11 +110,23 @@ class SinkFrameStore:
         self._release_lock = client.register_script(_RELEASE_LOCK)
 
     @classmethod
-    def from_url(cls, url: str, **kw) -> "SinkFrameStore":
+    def from_url(cls, url: str, **kw) -> "SessionStore":
         return cls(aioredis.from_url(url), **kw)
 
     async def close(self) -> None:
         await self.r.aclose()
+
+    async def ping(self) -> None:
+        await self.r.ping()
+
+    async def count_sessions(self) -> int:
+        n = 0
+        async for _ in self.r.scan_iter(match=f"{self.ns}session:*", count=1000):
+            n += 1
+        return n
+
+    async def used_memory(self) -> int:
+        return int((await self.r.info("memory")).get("used_memory", 0))
 
     def _k(self, kind: str, sid: str, extra: str = "") -> str:
         return f"{self.ns}{kind}:{sid}" + (f":{extra}" if extra else "")
@@ -177,7 +188,6 @@ class SinkFrameStore:
     async def touch(self, sid: str) -> bool:
         """Restart the TTL of every key of the session (while its stream is open). False if the session is gone."""
         keys = [self._k("session", sid), self._k("sink", sid), self._k("streamlock", sid)]
-        keys += [k async for k in self._replay_keys(sid)]
         async with self.r.pipeline(transaction=False) as p:
             for k in keys:
                 p.pexpire(k, self.ttl_ms)
@@ -185,8 +195,7 @@ class SinkFrameStore:
         return bool(found[0])
 
     async def delete_session(self, sid: str) -> None:
-        keys = [self._k("session", sid), self._k("sink", sid)] + [k async for k in self._replay_keys(sid)]
-        await self.r.delete(*keys)
+        await self.r.delete(self._k("session", sid), self._k("sink", sid))
 
     # ----- sink ------------------------------------------------------------------------------------------
     async def get_sink(self, sid: str) -> SinkState:
@@ -199,24 +208,3 @@ class SinkFrameStore:
         sink = await self.get_sink(sid)
         sink.aas_latent = latent.detach().float().cpu()
         await self.r.set(self._k("sink", sid), sink_to_bytes(sink), px=self.ttl_ms)
-
-    # ----- replay log --------------------------------------------------------------------------------------
-    async def append_replay(self, sid: str, stage: str, block_index: int, tensors: Dict[str, torch.Tensor],
-                            window: int) -> None:
-        key = self._k("replay", sid, stage)
-        blob = tensors_to_bytes(tensors, {"block_index": str(block_index)})
-        async with self.r.pipeline(transaction=True) as p:
-            p.lpush(key, blob)
-            p.ltrim(key, 0, window - 1)
-            p.pexpire(key, self.ttl_ms)
-            await p.execute()
-
-    async def get_replay(self, sid: str, stage: str) -> List[Tuple[int, Dict[str, torch.Tensor]]]:
-        """Oldest first."""
-        blobs = await self.r.lrange(self._k("replay", sid, stage), 0, -1)
-        out = [(int(_metadata(b)["block_index"]), tensors_from_bytes(b)) for b in blobs]
-        return sorted(out, key=lambda x: x[0])
-
-    async def _replay_keys(self, sid: str):
-        async for k in self.r.scan_iter(match=self._k("replay", sid, "*")):
-            yield k

@@ -1,7 +1,7 @@
 """Built-in ops dashboard: live latency / FPS / sessions / replicas charts for operators without Grafana.
 
 `OpsDashboard` is a small deployment of the avatar application; the Gateway (the application's ingress) forwards
-HTTP requests under `{route_prefix}/ops` to it (serve/app.py). A background thread scrapes the Prometheus exposition
+HTTP requests under `{route_prefix}/ops` to it (serve/builder.py). A background thread scrapes the Prometheus exposition
 of every Ray node's metrics agent (found with `ray.nodes()`, or the `metrics_urls` given), keeps `history_s` of
 derived series in memory, and serves
 
@@ -27,7 +27,8 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .metrics import RAY_INJECTED_LABELS
+from avatarserve.serve.config import OpsSection
+from avatarserve.serve.ops.metrics import RAY_INJECTED_LABELS
 
 log = logging.getLogger(__name__)
 
@@ -242,16 +243,13 @@ class _Scraper(threading.Thread):
 class OpsDashboard:
     """Serve HTTP deployment body (see module docstring)."""
 
-    def __init__(self, config: Optional[Mapping[str, Any]] = None) -> None:
-        cfg = dict(config or {})
-        self.sample_interval_s = float(cfg.get("sample_interval_s", 5.0))
-        self.metrics_urls: List[str] = list(cfg.get("metrics_urls") or [])
-        self.title = str(cfg.get("title", "AvatarServe operations"))
-        self.refresh_ms = int(cfg.get("refresh_ms", max(1000, int(self.sample_interval_s * 1000))))
-        if self.sample_interval_s <= 0:
-            raise DashboardError(f"sample_interval_s must be > 0, got {self.sample_interval_s}")
-        self.history = MetricsHistory(window_s=float(cfg.get("window_s", 30.0)),
-                                      history_s=float(cfg.get("history_s", 900.0)), fps=float(cfg.get("fps", 25.0)))
+    def __init__(self, config: Optional[OpsSection] = None, fps: float = 25.0) -> None:
+        cfg = config if isinstance(config, OpsSection) else OpsSection.model_validate(dict(config or {}))
+        self.sample_interval_s = cfg.sample_interval_s
+        self.metrics_urls: List[str] = list(cfg.metrics_urls)
+        self.title = cfg.title
+        self.refresh_ms = cfg.refresh_ms or max(1000, int(self.sample_interval_s * 1000))
+        self.history = MetricsHistory(window_s=cfg.window_s, history_s=cfg.history_s, fps=float(fps))
         self.lock = threading.Lock()
         self.last_error = ""
         self.scrapes = 0

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional
 
-from avatarserve.serve.transport import (
+from avatarserve.serve.dataplane.transport import (
     BlockItem,
     ControlBoard,
     ControlItem,
@@ -175,3 +175,8 @@ class SyntheticStage:
     async def close_session(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)
         self.board.close(session_id)
+
+
+def synthetic_stage(config: Mapping[str, Any]) -> SyntheticStage:
+    """Handler factory ("tests.support.synthetic:synthetic_stage") for StageSpec.handler."""
+    return SyntheticStage.from_config(config)

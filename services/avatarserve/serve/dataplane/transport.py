@@ -725,22 +725,33 @@ async def open_pipe(
     raise PipelineError(ErrorCode.PROTOCOL, f"{target} answered the open with {kind!r}", session_id=session_id)
 
 
-class PipelineClient:
-    """Caller side of the data plane (the gateway): opens sessions on a route of hop addresses.
+class ChannelPool:
+    """One gRPC channel per next-hop address, shared by every session that goes there (one HTTP/2 stream each).
+    Bound to the event loop that uses it, like grpc.aio channels."""
 
-    One gRPC channel per first-hop address is shared by all sessions (one HTTP/2 stream each).
-    """
-
-    def __init__(self, options: Optional[TransportOptions] = None) -> None:
-        self.options = options or TransportOptions()
+    def __init__(self, options: TransportOptions) -> None:
+        self.options = options
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
+    def get(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
             ch = grpc.aio.insecure_channel(address, options=self.options.channel_options())
             self._channels[address] = ch
         return ch
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        for ch in channels:
+            await ch.close()
+
+
+class PipelineClient:
+    """Caller side of the data plane (the gateway): opens sessions on a route of hop addresses."""
+
+    def __init__(self, options: Optional[TransportOptions] = None) -> None:
+        self.options = options or TransportOptions()
+        self._channels = ChannelPool(self.options)
 
     async def open(self, session_id: str, route: Sequence[str], config: bytes = b"", *, timeout_s: Optional[float] = None) -> PipelineSession:
         """Open `session_id` on `route` (hop addresses, head first); returns once every hop is ready."""
@@ -753,13 +764,11 @@ class PipelineClient:
                 raise ProtocolError(f"hop address {addr!r} is not host:port")
         if not isinstance(config, (bytes, bytearray)):
             raise ProtocolError(f"config must be bytes, got {type(config).__name__}")
-        call, hops = await open_pipe(self._channel(route[0]), session_id, route, bytes(config), timeout_s or self.options.open_timeout_s)
+        call, hops = await open_pipe(self._channels.get(route[0]), session_id, route, bytes(config), timeout_s or self.options.open_timeout_s)
         return PipelineSession(session_id, route, hops, call)
 
     async def close(self) -> None:
-        channels, self._channels = list(self._channels.values()), {}
-        for ch in channels:
-            await ch.close()
+        await self._channels.close()
 
     async def __aenter__(self) -> "PipelineClient":
         return self

@@ -23,14 +23,16 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..engine.bundle import ModelBundle, build_bundle
-from ..engine.errors import BlockOrderError, EngineError, InvalidInput, SessionExists, SessionNotFound
-from ..engine.runners import AudioEncoderRunner, BlockPayload, DecoderRunner, StageRunner
-from .config import TimeoutsConfig
-from .media import encode_h264_block, encode_jpeg_frames
-from .sink_store import SinkFrameStore, StoreError, sink_to_bytes
-from .transport import BlockItem, ControlBoard, ControlItem, ErrorCode, StageError
+from avatarserve.engine.bundle import ModelBundle, build_bundle
+from avatarserve.engine.errors import BlockOrderError, EngineError, InvalidInput, SessionExists, SessionNotFound
+from avatarserve.model.text_encoder import PromptError
+from avatarserve.engine.runners import AudioEncoderRunner, BlockPayload, DecoderRunner, StageRunner, adaptive_sink_latent
+from avatarserve.serve.config import ModelSection, format_validation_error
+from avatarserve.serve.dataplane.media import encode_h264_block, encode_jpeg_frames
+from avatarserve.serve.control.session_store import SessionStore, StoreError, sink_to_bytes
+from avatarserve.serve.dataplane.transport import BlockItem, ControlBoard, ControlItem, ErrorCode, StageError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ class StoreUnavailable(StageError):
 
 def _stage_error(exc: BaseException) -> BaseException:
     """Engine errors -> wire error codes."""
-    if isinstance(exc, (InvalidInput, BlockOrderError)):
+    if isinstance(exc, (InvalidInput, BlockOrderError, PromptError)):
         return InvalidItem(str(exc))
     if isinstance(exc, SessionExists):
         return SessionStateError(str(exc))
@@ -64,37 +66,63 @@ def _stage_error(exc: BaseException) -> BaseException:
     return exc
 
 
+class EngineHandlerConfig(BaseModel):
+    """What serve/builder.py passes an engine handler (`StageSpec.handler_config`); every value comes from the
+    `AppConfig`, so nothing here has a default of its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    model: ModelSection
+    redis_url: str
+    namespace: str
+    session_ttl_s: float = Field(gt=0)
+    torch_threads: int = Field(ge=1)
+    step: Optional[int] = Field(None, ge=0, description="Denoise stages only: the denoising step it runs.")
+    aas_wait_s: Optional[float] = Field(None, gt=0, description="Denoise stages only: timeouts.aas_wait_s.")
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> "EngineHandlerConfig":
+        try:
+            return cls.model_validate(dict(raw))
+        except ValidationError as exc:
+            raise HandlerConfigError(format_validation_error(exc, "handler_config")) from exc
+
+
+class HandlerConfigError(StageError, ValueError):
+    code = ErrorCode.INVALID_ARGUMENT
+
+
 class _EngineHandler:
-    """Shared plumbing: the model bundle of this replica, the sink store, the compute executor."""
+    """Shared plumbing: the model bundle of this replica, the session store, the compute executor."""
 
     components: tuple = ()
 
     def __init__(self, config: Mapping[str, Any]):
-        self.config = dict(config)
-        model = self.config.get("model", {})
+        self.config = EngineHandlerConfig.parse(config)
+        model = self.config.model
         self.bundle: ModelBundle = build_bundle(
-            model.get("config", "tiny"), checkpoint=model.get("checkpoint"), seed=int(model.get("seed", 0)),
-            device=model.get("device", "cpu"), dtype=getattr(torch, model.get("dtype", "float32")),
-            stream_overrides=model.get("stream_overrides"), components=self.components)
+            model.config, checkpoint=model.checkpoint, seed=model.seed, device=model.device,
+            dtype=getattr(torch, model.dtype), stream_overrides=model.stream_overrides, components=self.components)
         self.stream = self.bundle.stream
-        self.name = str(self.config.get("name", type(self).__name__))
-        torch.set_num_threads(int(self.config.get("torch_threads", 1)))
+        self.name = self.config.name
+        torch.set_num_threads(self.config.torch_threads)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-compute")
-        self._store: Optional[SinkFrameStore] = None
+        self._store: Optional[SessionStore] = None
         self.session_options: Dict[str, dict] = {}
 
     @property
-    def store(self) -> SinkFrameStore:
+    def store(self) -> SessionStore:
         # Created lazily on the data-plane loop (redis.asyncio clients bind to the loop that uses them).
         if self._store is None:
-            self._store = SinkFrameStore.from_url(self.config["redis_url"],
-                                                  namespace=self.config.get("namespace", "avatarserve:"))
+            self._store = SessionStore.from_url(self.config.redis_url, namespace=self.config.namespace,
+                                                ttl_s=self.config.session_ttl_s)
         return self._store
 
     async def _run(self, fn, *args):
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-        except EngineError as exc:
+        except (EngineError, PromptError) as exc:
             raise _stage_error(exc) from exc
 
     async def _sink(self, session_id: str):
@@ -156,13 +184,13 @@ class DenoiseStageHandler(_EngineHandler):
 
     def __init__(self, config: Mapping[str, Any]):
         super().__init__(config)
-        self.step = int(self.config["step"])
+        if self.config.step is None or self.config.aas_wait_s is None:
+            raise HandlerConfigError(f"{self.name}: a denoise stage needs handler_config.step and aas_wait_s")
+        self.step = self.config.step
         b = self.bundle
         self.runner = StageRunner(self.step, b.transformer, b.schedule, self.stream)
         self.board = ControlBoard()
-        self.replay_window = int(self.config.get("replay_window", self.stream.window_blocks))
-        # timeouts.aas_wait_s, set per deployment by the app builder (serve/app.py)
-        self.aas_wait_s = float(self.config.get("aas_wait_s", TimeoutsConfig().aas_wait_s))
+        self.aas_wait_s = self.config.aas_wait_s
 
     async def open_session(self, session_id: str, config: bytes) -> None:
         self._options(session_id, config)
@@ -186,17 +214,11 @@ class DenoiseStageHandler(_EngineHandler):
         latents = item.tensor("latents").torch().clone() if "latents" in item.tensors else None
         payload = BlockPayload(session_id=session_id, block_index=b, pts_ms=item.pts_ms, audio=audio,
                                latents=latents, steps_done=self.step)
-        # Replay log: what this stage consumed, so a replacement replica can refill its window.
-        replay = {"audio": audio} if latents is None else {"audio": audio, "latents": latents}
-        try:
-            await self.store.append_replay(session_id, f"step{self.step}", b, replay, self.replay_window)
-        except Exception as exc:  # noqa: BLE001 - losing the replay log must not stop a live session
-            log.warning("%s: replay log write failed for %s block %d: %s", self.name, session_id, b, exc)
         out = await self._run(self.runner.step, payload)
         items: List[Any] = [BlockItem(block_index=b, pts_ms=item.pts_ms, metadata=dict(item.metadata),
                                       tensors={"audio": audio, "latents": out.latents})]
-        if self.runner.is_last and b == 0 and self.stream.adaptive_sink:
-            aas = out.latents[:, :, :1].contiguous()
+        aas = adaptive_sink_latent(self.stream, out) if self.runner.is_last else None
+        if aas is not None:
             self.runner.set_aas_latent(session_id, aas)
             try:
                 await self.store.set_aas_latent(session_id, aas)
@@ -215,7 +237,7 @@ class DenoiseStageHandler(_EngineHandler):
 
 
 def _as_torch(ctl: ControlItem, name: str) -> torch.Tensor:
-    from .transport import WireTensor
+    from avatarserve.serve.dataplane.transport import WireTensor
 
     return WireTensor.of(ctl.tensors[name]).torch()
 
@@ -267,7 +289,7 @@ class VaeDecoderHandler(_EngineHandler):
         return [BlockItem(block_index=item.block_index, pts_ms=item.pts_ms, metadata=meta, tensors=tensors)]
 
 
-# Factories for serve/pipeline_app.py's StageSpec.handler ("module:callable").
+# Factories for serve/deployments/stage.py's StageSpec.handler ("module:callable").
 def audio_encoder(config: Mapping[str, Any]) -> AudioEncoderHandler:
     return AudioEncoderHandler(config)
 
