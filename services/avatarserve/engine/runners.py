@@ -244,9 +244,6 @@ class StageRunner:
     def close(self, session_id: str) -> None:
         self.sessions.pop(session_id)
 
-    def kv_bytes(self) -> int:
-        return sum(self.sessions.get(s).cache.nbytes() for s in self.sessions.ids())
-
 
 # ------------------------------------------------------------------------------------------------------------
 @dataclass

@@ -47,10 +47,6 @@ class SinkState:
     seed: int
     aas_latent: Optional[torch.Tensor] = None  # [1, 16, 1, h, w] once the first block has been generated
 
-    @property
-    def has_aas(self) -> bool:
-        return self.aas_latent is not None
-
     def reference_for_block(self, block_index: int, stream: StreamConfig) -> tuple[torch.Tensor, int]:
         """(reference latent, sink version) in force for `block_index`.
 

@@ -56,10 +56,6 @@ class StartupRecord:
     def phase_seconds(self) -> float:
         return max(0.0, time.time() - self.phase_ms / 1000.0) if self.phase_ms else 0.0
 
-    @property
-    def elapsed_seconds(self) -> float:
-        return max(0.0, time.time() - self.started_ms / 1000.0) if self.started_ms else 0.0
-
 
 class StartupReporter:
     """Writes one replica's startup phases to Redis. Never raises: reporting must not stop a replica from starting."""

@@ -68,7 +68,7 @@ def resolve_handler_factory(spec: StageSpec) -> Callable[[Mapping[str, Any]], St
         raise StageConfigError(f"cannot import handler factory {spec.handler!r}: {exc}") from exc
 
 
-def build_handler(spec: StageSpec, replica_name: str, factory: Optional[Callable[[Mapping[str, Any]], StageHandler]] = None) -> StageHandler:
+def build_handler(spec: StageSpec, factory: Optional[Callable[[Mapping[str, Any]], StageHandler]] = None) -> StageHandler:
     """Instantiate the stage handler named by `spec` ("module:callable", called with the handler config)."""
     factory = factory or resolve_handler_factory(spec)
     config = {"name": spec.deployment, **dict(spec.handler_config)}

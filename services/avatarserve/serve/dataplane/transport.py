@@ -590,8 +590,6 @@ class PipelineSession:
         self._ended = False  # we sent end-of-stream
         self._finished = False  # terminal item received or session closed
         self._error: Optional[PipelineError] = None
-        self.blocks_sent = 0
-        self.items_received = 0
 
     @property
     def finished(self) -> bool:
@@ -611,7 +609,6 @@ class PipelineSession:
             if self._error is not None:
                 raise self._error from exc
             raise PipelineError(ErrorCode.UNAVAILABLE, f"stream to {self.route[0]} closed: {exc}", session_id=self.session_id) from exc
-        self.blocks_sent += 1
 
     async def end(self, reason: str = "") -> None:
         """Half-close: no more blocks; results of blocks in flight still arrive, then None."""
@@ -647,7 +644,6 @@ class PipelineSession:
             self._error = PipelineError(ErrorCode.UNAVAILABLE, f"{self.route[0]} closed the stream without end-of-stream", session_id=self.session_id)
             raise self._error
         kind = message_kind(msg)
-        self.items_received += 1
         if kind == "block":
             return block_from_proto(msg.block)
         if kind == "control":

@@ -108,7 +108,7 @@ class StageReplica:
         self._startup.report("importing", self.spec.handler)
         factory = resolve_handler_factory(self.spec)
         self._startup.report("loading", _describe_model(self.spec.handler_config))
-        return TimedHandler(build_handler(self.spec, self.name, factory), self.metrics)
+        return TimedHandler(build_handler(self.spec, factory), self.metrics)
 
     def _info(self) -> ReplicaInfo:
         host = self._bg.host

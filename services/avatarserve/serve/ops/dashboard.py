@@ -85,9 +85,6 @@ def histogram_quantile(q: float, buckets: Sequence[Tuple[float, float]]) -> Opti
     return b[-1][0]
 
 
-def _labels(key: SeriesKey) -> Dict[str, str]:
-    return dict(key[1])
-
 
 def increase(now: Mapping[SeriesKey, float], then: Optional[Mapping[SeriesKey, float]]) -> Dict[SeriesKey, float]:
     """Per-series increase of cumulative samples; a new or restarted series counts from zero (as Prometheus)."""
