@@ -169,3 +169,91 @@ def test_health_and_reflection(cluster):
         services = [s.name for r in stub.ServerReflectionInfo(reqs, timeout=30)
                     for s in r.list_services_response.service]
         assert "avatarserve.v1.AvatarService" in services
+
+
+def test_idle_timeout_with_blocks_in_flight_does_not_freeze_the_gateway(cluster):
+    """Issue: a session reaching its idle timeout with blocks in flight (at the cap) made the gateway's event loop spin
+    in StreamController._feed: every other session stopped, END_OF_STREAM `idle_timeout` never came, and every RPC
+    timed out. Session A sends a burst far above the cap's worth (8 in flight), then nothing, its stream left open, so
+    its idle deadline passes while its backlog is still being generated; session B streams in real time meanwhile, and
+    GetSession is called on the same gateway all along."""
+    idle_timeout_s = 1
+    # 50 blocks at once (under max_buffer_s, so no back-pressure): at the tiny model's ~15 blocks/s on CPU, A is still
+    # at the cap well after its idle deadline.
+    burst = list(chunk_pcm(_tone(24.0), chunk_ms=480))
+    speech_b = _tone(6.0)  # 13 blocks, paced in real time
+    with AvatarClient(cluster, application=APP, timeout=120) as client:
+        with client.session(png(8), seed=4, idle_mode="fill_silence", idle_timeout_s=idle_timeout_s) as a, \
+                client.session(png(9), seed=5, idle_mode="wait_for_audio") as b:
+            a_items, a_errors, polls, burst_sent_at = [], [], [], []
+            burst_sent, a_done = threading.Event(), threading.Event()
+
+            def audio_a():
+                yield from burst
+                burst_sent_at.append(time.monotonic())
+                burst_sent.set()  # every chunk is in the SDK's send queue; then silence, the stream stays open
+
+            def run_a():
+                try:
+                    a_items.extend(a.stream(audio_a(), end_of_input=False, include_events=True, timeout=300))
+                except Exception as exc:  # noqa: BLE001 - reported below
+                    a_errors.append(exc)
+                finally:
+                    a_done.set()
+
+            def poll_get_session():  # unary RPCs on the same gateway, for as long as A streams
+                while not a_done.is_set():
+                    started = time.monotonic()
+                    try:
+                        client.get_session(a.handle, timeout=60)
+                        polls.append((started, "OK"))
+                    except Exception as exc:  # noqa: BLE001 - reported below
+                        polls.append((started, repr(exc)))
+                    a_done.wait(0.25)
+
+            ta = threading.Thread(target=run_a, name="session-a")
+            tp = threading.Thread(target=poll_get_session, name="get-session-poller")
+            ta.start()
+            try:
+                assert burst_sent.wait(120), "session A's burst was never sent"
+                tp.start()
+                blocks_b = list(b.stream(chunk_pcm(speech_b, chunk_ms=40), realtime=True, include_events=False,
+                                         timeout=180))
+                # B's 6 s began after A's burst: A is past its idle deadline now
+                info_a = client.get_session(a.handle, timeout=60)
+            finally:
+                ta.join(330)
+                a_done.set()
+                if tp.ident is not None:
+                    tp.join(120)
+            assert not ta.is_alive(), "session A never ended"
+            assert not a_errors, a_errors
+
+    # B: every block, in order, and its END_OF_STREAM
+    assert [blk.pts_ms for blk in blocks_b] == [480 * i for i in range(13)]
+    assert not any(blk.is_idle for blk in blocks_b)
+    assert [e.kind for e in b.events][-1] == EventKind.END_OF_STREAM
+    # A: ended by its idle timeout, after every block it had in flight or buffered
+    a_events = [x for x in a_items if not isinstance(x, VideoBlock)]
+    a_blocks = [x for x in a_items if isinstance(x, VideoBlock)]
+    assert a_events[-1].kind == EventKind.END_OF_STREAM and a_events[-1].message == "idle_timeout", a_events[-3:]
+    assert [blk.pts_ms for blk in a_blocks] == [480 * i for i in range(len(a_blocks))]
+    assert len(a_blocks) == a_events[-1].counters.blocks_delivered >= 8
+    # the gateway kept answering unary RPCs
+    assert info_a.session_id == a.session_id
+    assert polls and all(p == "OK" for _, p in polls), polls
+
+    # For the record (not asserted: timing): B's delivery lag behind its audio, and how much of A's stream (and how
+    # many GetSession calls) fell after A's idle deadline (estimated on this side: burst handed over + idle timeout).
+    start_b = b.stats.first_audio_sent_at
+    lag = [blk.received_at - (start_b + (blk.pts_ms + blk.duration_ms) / 1000.0) for blk in blocks_b]
+    deadline_a = burst_sent_at[0] + idle_timeout_s
+    end_a = a_events[-1].received_at
+    print("IDLE_TIMEOUT_REPORT", json.dumps({
+        "b_lag_s": [round(x, 3) for x in lag], "b_lag_max_s": round(max(lag), 3),
+        "b_lag_median_s": round(float(np.median(lag)), 3),
+        "a_blocks": len(a_blocks),
+        "a_blocks_after_idle_deadline": sum(blk.received_at > deadline_a for blk in a_blocks),
+        "a_end_after_idle_deadline_s": round(end_a - deadline_a, 3),
+        "get_session_calls": len(polls),
+        "get_session_calls_past_a_deadline": sum(deadline_a < t < end_a for t, _ in polls)}))

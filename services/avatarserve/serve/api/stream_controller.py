@@ -11,7 +11,14 @@ pipeline one whole block of PCM at a time, at most `max_in_flight` blocks ahead 
   whole span is due on the wall clock plus `fill_grace_ms`; audio that arrives later for a filled span is counted
   late and dropped;
 - a slow reader stalls the receiver, then the pipeline, then the feeder, then reading client audio (back-pressure
-  all the way to the client; nothing grows without bound).
+  all the way to the client; nothing grows without bound);
+- a client that sends no audio for `idle_timeout_s` gets its input ended (END_OF_STREAM reason `idle_timeout`),
+  whether or not blocks are in flight at that moment.
+
+Many sessions share one event loop (the gateway's), so no loop here may run a pass without awaiting something that
+suspends: the feeder sleeps until it is woken (audio, INTERRUPT, end of input, a block delivered) or until its next
+deadline (the next block falling due, the idle timeout), and never polls; back-pressure waits on the feeder taking
+audio out of the buffer.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from avatarserve_client.v1 import avatar_service_pb2 as pb
 from avatarserve.serve.dataplane.transport import BlockItem, ControlItem, ErrorCode, PipelineError
 
 IDLE_RMS = 1e-3
+# Shortest sleep of the feeder: a deadline reached within the clock's rounding still sleeps, never spins.
+_MIN_SLEEP_S = 1e-3
 
 
 class StreamAbort(Exception):
@@ -103,7 +112,8 @@ class StreamController:
         self.geometry = geometry
         self.counters = Counters()
         self.out_q: asyncio.Queue = asyncio.Queue(maxsize=4)
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # the feeder's state changed: audio, INTERRUPT, end of input, a block delivered
+        self._room = asyncio.Event()  # audio left the buffer (or the stream failed): back-pressure may release
         self._buf = np.zeros(0, dtype=np.float32)
         self._buf_real = 0  # real client samples in the buffer (not gap-filled)
         self.clock_pos = 0  # stream-clock sample index where the next fed block starts
@@ -157,6 +167,7 @@ class StreamController:
         except BaseException as exc:  # first failure ends the stream with its status
             if self._fatal is None:
                 self._fatal = exc if isinstance(exc, StreamAbort) else _abort_for(exc)
+            self._room.set()
             await self._put(_Done())
 
     async def _put(self, msg) -> None:
@@ -236,9 +247,10 @@ class StreamController:
             self._buf_real += len(pcm)
             self.counters.audio_samples_received += len(pcm)
         self._wake.set()
-        # Back-pressure: stop reading the client while too much audio waits.
+        # Back-pressure: stop reading the client while too much audio waits; the feeder wakes us when it takes some.
         while len(self._buf) > self.s.max_buffer_s * self.s.sample_rate and self._fatal is None:
-            await asyncio.sleep(0.02)
+            self._room.clear()
+            await self._room.wait()
 
     async def _interrupt(self) -> None:
         self.counters.interrupts += 1
@@ -248,6 +260,7 @@ class StreamController:
         self.clock_pos = max(self.clock_pos + len(self._buf), self.real_end)
         self._buf = np.zeros(0, np.float32)
         self._buf_real = 0
+        self._room.set()
         self.force_idle = True
         self.interrupted_at = self.clock()
         await self._put(self._status(pb.StatusEvent.KIND_INTERRUPTED, "interrupt", pts_ms=self._ms(self.clock_pos),
@@ -259,10 +272,17 @@ class StreamController:
         """Client audio waiting in the gateway, not yet fed to the pipeline."""
         return len(self._buf) / self.s.sample_rate
 
+    def _due_at(self) -> float:
+        """Clock time at which the next block's span is fully due on the wall clock (plus grace)."""
+        end_s = (self.clock_pos + self.s.samples_per_block) / self.s.sample_rate
+        return self.t0 + end_s + self.s.fill_grace_ms / 1000.0
+
     def _due(self) -> bool:
         """Is the next block's span fully due on the wall clock (plus grace)?"""
-        end_s = (self.clock_pos + self.s.samples_per_block) / self.s.sample_rate
-        return self.clock() >= self.t0 + end_s + self.s.fill_grace_ms / 1000.0
+        return self.clock() >= self._due_at()
+
+    def _idle_expired(self) -> bool:
+        return bool(self.s.idle_timeout_s) and self.clock() - self.last_audio_at > self.s.idle_timeout_s
 
     async def _send_block(self, pcm: np.ndarray, real_samples: int) -> None:
         spb = self.s.samples_per_block
@@ -288,16 +308,25 @@ class StreamController:
             take = np.concatenate([take, np.zeros(spb - len(take), np.float32)])
         self._buf = self._buf[spb:]
         self._buf_real -= real
+        self._room.set()
         await self._send_block(take, real)
 
     async def _feed(self) -> None:
+        """Feed whole blocks to the pipeline, at most `max_in_flight` ahead of delivery.
+
+        Every pass sends a block (at most `max_in_flight` passes in a row before the cap stops it), ends the input and
+        returns, or sleeps (`_sleep`). The idle timeout fires once: it ends the input like END_OF_INPUT does (what is
+        buffered is still fed), so a pass after it never sees it again.
+        """
         spb = self.s.samples_per_block
         while True:
             self._wake.clear()
-            if len(self.in_flight) < self.s.max_in_flight:
+            room = len(self.in_flight) < self.s.max_in_flight
+            if room:
                 if self.force_idle:
                     self.force_idle = False
                     self._buf, self._buf_real = np.zeros(0, np.float32), 0
+                    self._room.set()
                     await self._send_block(np.zeros(spb, np.float32), 0)
                     continue
                 if len(self._buf) >= spb:
@@ -311,15 +340,34 @@ class StreamController:
                 if self.s.idle_mode == "fill" and self._due():
                     await self._take_block(pad=True)
                     continue
-            if self.s.idle_timeout_s and self.clock() - self.last_audio_at > self.s.idle_timeout_s:
+            if not self.end_of_input and self._idle_expired():
                 self.end_reason = "idle_timeout"
                 self.end_of_input = True
-                continue
-            # Sleep until something changes or the next block falls due.
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=0.05)
-            except asyncio.TimeoutError:
-                pass
+                if room:
+                    continue  # the next pass feeds what is buffered and ends the input
+                # At the cap: wait below for a block to be delivered, like any other end of input.
+            await self._sleep(room)
+
+    async def _sleep(self, room: bool) -> None:
+        """Sleep until woken (`_wake`) or until the feeder's next deadline, whichever comes first.
+
+        Deadlines: the next block falling due (fill mode, only with room under the cap: at the cap a delivered block
+        wakes the feeder) and the idle timeout (until it fired or the input ended). Without either, only a wake-up.
+        """
+        deadlines = []
+        if not self.end_of_input:
+            if room and self.s.idle_mode == "fill":
+                deadlines.append(self._due_at())
+            if self.s.idle_timeout_s:
+                deadlines.append(self.last_audio_at + self.s.idle_timeout_s)
+        if not deadlines:
+            await self._wake.wait()
+            return
+        timeout = max(min(deadlines) - self.clock(), _MIN_SLEEP_S)
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+        except asyncio.TimeoutError:
+            pass
 
     async def _receive(self) -> None:
         while True:
@@ -329,7 +377,6 @@ class StreamController:
             if isinstance(item, ControlItem):
                 continue  # e.g. the adaptive-sink latent on its way to the head: not for the client
             await self._deliver(item)
-            self._wake.set()
         await self._put(self._status(pb.StatusEvent.KIND_DRAINED, self.end_reason, pts_ms=self._ms(self.clock_pos),
                                      block_index=self.next_block))
         await self._put(self._status(pb.StatusEvent.KIND_END_OF_STREAM, self.end_reason,
@@ -341,6 +388,7 @@ class StreamController:
         meta = self.in_flight.pop(b, None)
         if meta is None:
             raise StreamAbort("INTERNAL", f"pipeline returned block {b}, which was not in flight")
+        self._wake.set()  # room under the cap: the feeder may send the next block while this one is delivered
         self.counters.blocks_generated += 1
         now = self.clock()
         received_ns = time.time_ns()

@@ -1,0 +1,306 @@
+"""StreamController with real parts: an in-process chain of StageHosts (SyntheticStage handlers) on loopback gRPC.
+
+The middle stage is the slow one, deterministically: it holds every block of a "gated" session until the test opens
+the gate, so a session's blocks pile up to the in-flight cap and stay there for exactly as long as the test needs.
+
+Everything shares one event loop, as sessions do in the gateway. A coroutine that loops without awaiting freezes that
+loop, and then `asyncio.wait_for` cannot fire either (its timer needs the loop), so the tests run under
+`LoopWatchdog`, which breaks a starved loop from a thread and lets the test fail with a message instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import sys
+import threading
+import time
+import traceback
+from typing import AsyncIterator, Callable, Optional
+
+import numpy as np
+import pytest
+
+from avatarserve.serve.stage_host import StageHost, StageHostConfig
+from avatarserve.serve.stream_controller import StreamAbort, StreamController, StreamSettings
+from avatarserve.serve.synthetic import SyntheticStage
+from avatarserve.serve.transport import BlockItem, Item, PipelineClient, TransportOptions
+from avatarserve.v1 import avatar_service_pb2 as pb
+
+SR = 16000
+SPB = 7680  # 480 ms blocks, as the shipped presets
+CAP = 8
+GUARD_S = 120.0  # whole-test guard: generous, these machines are slow and noisy
+STALL_S = 20.0  # the event loop running no callback for this long is a failure, not noise
+
+
+# ------------------------------------------------------------------------------------ harness
+
+
+class EventLoopStalled(Exception):
+    """Raised inside the event loop's thread by `LoopWatchdog` when the loop stopped running callbacks."""
+
+
+class LoopWatchdog:
+    """Fails a test whose event loop is starved, instead of letting it hang forever.
+
+    A heartbeat task stamps the time every 50 ms; a thread watches the stamp. When no heartbeat ran for `stall_s`,
+    some coroutine is running without ever suspending: the thread raises `EventLoopStalled` asynchronously in the
+    loop's thread (CPython's PyThreadState_SetAsyncExc), which lands in the spinning code and unwinds it.
+    """
+
+    def __init__(self, stall_s: float = STALL_S) -> None:
+        self.stall_s = stall_s
+        self.stalled_s: Optional[float] = None  # how long the loop had not run when the watchdog broke it
+        self.stalled_at = ""  # the loop thread's innermost frames at that moment (where it spun)
+        self._beat = time.monotonic()
+        self._stop = threading.Event()
+        self._tid = 0
+        self._task: Optional[asyncio.Task] = None
+        self._thread: Optional[threading.Thread] = None
+
+    async def _heartbeat(self) -> None:
+        while True:
+            self._beat = time.monotonic()
+            await asyncio.sleep(0.05)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.25):
+            quiet = time.monotonic() - self._beat
+            if quiet > self.stall_s:
+                frame = sys._current_frames().get(self._tid)
+                self.stalled_at = "".join(traceback.format_stack(frame)[-2:]) if frame is not None else "?"
+                self.stalled_s = quiet
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._tid),
+                                                           ctypes.py_object(EventLoopStalled))
+                return
+
+    def check(self) -> None:
+        assert self.stalled_s is None, (
+            f"the event loop ran nothing for {self.stalled_s:.0f} s: a coroutine looped without awaiting "
+            f"(the watchdog broke it with EventLoopStalled); it was at:\n{self.stalled_at}")
+
+    async def __aenter__(self) -> "LoopWatchdog":
+        self._tid = threading.get_ident()
+        self._beat = time.monotonic()
+        self._task = asyncio.create_task(self._heartbeat(), name="watchdog-heartbeat")
+        self._thread = threading.Thread(target=self._watch, name="loop-watchdog", daemon=True)
+        self._thread.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        assert self._thread is not None and self._task is not None
+        self._thread.join()
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+class GatedStage(SyntheticStage):
+    """The slow stage: holds every block of a gated session until `release(session_id)`; other sessions pass."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(0.0, name=name)
+        self.gates: dict[str, asyncio.Event] = {}
+
+    def gate(self, session_id: str) -> None:
+        self.gates[session_id] = asyncio.Event()
+
+    def release(self, session_id: str) -> None:
+        self.gates[session_id].set()
+
+    async def process(self, session_id: str, item: BlockItem) -> list[Item]:
+        gate = self.gates.get(session_id)
+        if gate is not None:
+            await gate.wait()
+        return await super().process(session_id, item)
+
+
+@pytest.fixture
+async def chain() -> AsyncIterator[tuple[list[str], GatedStage]]:
+    """stage0 (instant) -> stage1 (gated, the slow one) -> stage2 (instant): route and the gated handler."""
+    slow = GatedStage("stage1")
+    handlers = [SyntheticStage(0.0, name="stage0"), slow, SyntheticStage(0.0, name="stage2")]
+    hosts = []
+    try:
+        for h in handlers:
+            transport = TransportOptions(queue_size=2, open_timeout_s=10.0)
+            host = StageHost(h, StageHostConfig(name=h.name, transport=transport))
+            await host.start()
+            hosts.append(host)
+        yield [h.address for h in hosts], slow
+    finally:
+        for host in reversed(hosts):
+            await host.stop(grace_s=0.5)
+
+
+def settings(**kw) -> StreamSettings:
+    base = dict(sample_rate=SR, samples_per_block=SPB, frames_per_block=12, fps=25, width=64, height=64,
+                max_in_flight=CAP)
+    base.update(kw)
+    return StreamSettings(**base)
+
+
+def tone_chunks(n: int) -> list[bytes]:
+    """n chunks of 480 ms of a 200 Hz tone, s16le."""
+    t = np.arange(n * SPB) / SR
+    pcm = (0.4 * np.sin(2 * np.pi * 200 * t) * 32767).astype("<i2")
+    return [pcm[i * SPB:(i + 1) * SPB].tobytes() for i in range(n)]
+
+
+def audio(seq: int, pcm: bytes) -> pb.ClientMessage:
+    return pb.ClientMessage(audio=pb.AudioChunk(seq=seq, pts_ms=seq * 480, pcm=pcm))
+
+
+END_OF_INPUT = pb.ClientMessage(control=pb.Control(kind=pb.Control.KIND_END_OF_INPUT))
+
+
+async def requests(msgs: list[pb.ClientMessage],
+                   then_wait: Optional[asyncio.Event] = None) -> AsyncIterator[pb.ClientMessage]:
+    """The client's request stream: `msgs` at once, then (with `then_wait`) silence with the stream left open."""
+    for m in msgs:
+        yield m
+    if then_wait is not None:
+        await then_wait.wait()
+
+
+async def collect(ctl: StreamController, reqs: AsyncIterator[pb.ClientMessage]) -> list[pb.ServerMessage]:
+    return [m async for m in ctl.run(reqs)]
+
+
+async def wait_until(cond: Callable[[], bool], watchdog: LoopWatchdog) -> None:
+    """Wait for a state of the controllers (checked each loop turn); the test's guard bounds it."""
+    while not cond():
+        watchdog.check()
+        await asyncio.sleep(0.01)
+    watchdog.check()
+
+
+def videos(msgs: list[pb.ServerMessage]) -> list[pb.VideoChunk]:
+    return [m.video for m in msgs if m.WhichOneof("kind") == "video"]
+
+
+def statuses(msgs: list[pb.ServerMessage]) -> list[pb.StatusEvent]:
+    return [m.status for m in msgs if m.WhichOneof("kind") == "status"]
+
+
+# ------------------------------------------------------------------------------------ tests
+
+
+async def test_idle_timeout_at_the_cap_ends_the_stream_and_other_sessions_keep_flowing(chain) -> None:
+    """A session reaching its idle timeout with CAP blocks in flight must not spin the loop (issue: the gateway froze
+    in StreamController._feed). It ends with END_OF_STREAM `idle_timeout` once its blocks are delivered, and a second
+    session on the same loop streams all the while."""
+    route, slow = chain
+    async with LoopWatchdog() as watchdog, PipelineClient() as client:
+
+        async def scenario() -> None:
+            quiet = asyncio.Event()  # A's request stream stays open until the very end
+            task_a: Optional[asyncio.Task] = None
+            try:
+                pipe_a = await client.open("sess-a", route)
+                pipe_b = await client.open("sess-b", route)
+                slow.gate("sess-a")
+                # A: a burst of 12 blocks of audio, then silence with the stream open; idle timeout 1 s.
+                ctl_a = StreamController("sess-a", settings(idle_timeout_s=1.0), pipe_a)
+                task_a = asyncio.create_task(collect(ctl_a, requests(
+                    [audio(i, c) for i, c in enumerate(tone_chunks(12))], then_wait=quiet)))
+                # A is at the cap, past its idle deadline, and its feeder has seen the timeout.
+                await wait_until(lambda: len(ctl_a.in_flight) == CAP and ctl_a.end_reason == "idle_timeout", watchdog)
+                assert not task_a.done()
+
+                # B streams a whole stream on the same loop (and the same chain) while A stays there.
+                ctl_b = StreamController("sess-b", settings(idle_mode="wait"), pipe_b)
+                msgs_b = await collect(ctl_b, requests([audio(i, c) for i, c in enumerate(tone_chunks(5))]
+                                                       + [END_OF_INPUT]))
+                watchdog.check()
+                assert [v.block_index for v in videos(msgs_b)] == [0, 1, 2, 3, 4]
+                assert [v.pts_ms for v in videos(msgs_b)] == [0, 480, 960, 1440, 1920]
+                end_b = statuses(msgs_b)[-1]
+                assert (end_b.kind, end_b.message) == (pb.StatusEvent.KIND_END_OF_STREAM, "end_of_input")
+                assert len(ctl_a.in_flight) == CAP and not task_a.done()  # A was at the cap all along
+
+                # Open A's gate: its blocks in flight, then the rest of its buffered audio, are delivered, then it ends.
+                slow.release("sess-a")
+                msgs_a = await task_a
+                watchdog.check()
+                got = videos(msgs_a)
+                assert [v.block_index for v in got] == list(range(ctl_a.next_block))
+                assert len(got) >= 12 and ctl_a.counters.blocks_delivered == len(got)
+                kinds = [(s.kind, s.message) for s in statuses(msgs_a)]
+                assert kinds[-2:] == [(pb.StatusEvent.KIND_DRAINED, "idle_timeout"),
+                                      (pb.StatusEvent.KIND_END_OF_STREAM, "idle_timeout")]
+            finally:
+                quiet.set()
+                if slow.gates.get("sess-a") is not None:
+                    slow.release("sess-a")
+                if task_a is not None and not task_a.done():
+                    task_a.cancel()
+                if task_a is not None:
+                    await asyncio.gather(task_a, return_exceptions=True)
+
+        try:
+            await asyncio.wait_for(scenario(), GUARD_S)
+        except StreamAbort as exc:
+            watchdog.check()
+            raise AssertionError(f"a stream failed: {exc.code} {exc.message}") from exc
+        watchdog.check()
+
+
+@pytest.mark.parametrize("idle_mode", ["fill", "wait"])
+async def test_idle_timeout_with_nothing_in_flight(chain, idle_mode: str) -> None:
+    """A client that never sends audio: idle blocks (fill mode) until the idle timeout, then END_OF_STREAM."""
+    route, _ = chain
+    async with LoopWatchdog() as watchdog, PipelineClient() as client:
+
+        async def scenario() -> list[pb.ServerMessage]:
+            quiet = asyncio.Event()
+            try:
+                pipe = await client.open(f"sess-idle-{idle_mode}", route)
+                ctl = StreamController(f"sess-idle-{idle_mode}", settings(idle_mode=idle_mode, idle_timeout_s=1.0,
+                                                                          fill_grace_ms=50), pipe)
+                return await collect(ctl, requests([], then_wait=quiet))
+            finally:
+                quiet.set()
+
+        msgs = await asyncio.wait_for(scenario(), GUARD_S)
+        watchdog.check()
+    got = videos(msgs)
+    assert all(v.is_idle for v in got)
+    assert [v.pts_ms for v in got] == [480 * i for i in range(len(got))]
+    if idle_mode == "wait":
+        assert got == []
+    end = statuses(msgs)[-1]
+    assert (end.kind, end.message) == (pb.StatusEvent.KIND_END_OF_STREAM, "idle_timeout")
+
+
+async def test_back_pressure_stalls_reading_and_releases(chain) -> None:
+    """More audio than `max_buffer_s` while the pipeline is stalled: the controller stops reading the client, then
+    resumes as the feeder takes audio out of the buffer, and every block comes out in order."""
+    route, slow = chain
+    n = 10
+    async with LoopWatchdog() as watchdog, PipelineClient() as client:
+
+        async def scenario() -> tuple[StreamController, list[pb.ServerMessage]]:
+            try:
+                pipe = await client.open("sess-bp", route)
+                slow.gate("sess-bp")
+                ctl = StreamController("sess-bp", settings(idle_mode="wait", max_buffer_s=1.0, max_in_flight=2), pipe)
+                task = asyncio.create_task(collect(ctl, requests([audio(i, c) for i, c in enumerate(tone_chunks(n))]
+                                                                 + [END_OF_INPUT])))
+                # Stalled: the cap is reached, the buffer is over its bound and the reader stopped reading.
+                await wait_until(lambda: len(ctl.in_flight) == 2 and ctl.buffered_seconds > 1.0, watchdog)
+                assert ctl.counters.audio_chunks_received < n and not task.done()
+                slow.release("sess-bp")
+                return ctl, await task
+            finally:
+                if slow.gates.get("sess-bp") is not None:
+                    slow.release("sess-bp")
+
+        ctl, msgs = await asyncio.wait_for(scenario(), GUARD_S)
+        watchdog.check()
+    assert [v.block_index for v in videos(msgs)] == list(range(n))
+    assert not any(v.is_idle for v in videos(msgs))
+    assert ctl.counters.audio_chunks_received == n and ctl.counters.audio_samples_late == 0
+    end = statuses(msgs)[-1]
+    assert (end.kind, end.message) == (pb.StatusEvent.KIND_END_OF_STREAM, "end_of_input")
