@@ -21,11 +21,12 @@ from typing import AsyncIterator, Callable, Optional
 import numpy as np
 import pytest
 
-from avatarserve.serve.stage_host import StageHost, StageHostConfig
-from avatarserve.serve.stream_controller import StreamAbort, StreamController, StreamSettings
-from avatarserve.serve.synthetic import SyntheticStage
-from avatarserve.serve.transport import BlockItem, Item, PipelineClient, TransportOptions
-from avatarserve.v1 import avatar_service_pb2 as pb
+from avatarserve.serve.dataplane.stage_host import StageHost, StageHostConfig
+from avatarserve.serve.api.errors import ApiError
+from avatarserve.serve.api.stream_controller import StreamController, StreamSettings
+from tests.support.synthetic import SyntheticStage
+from avatarserve.serve.dataplane.transport import BlockItem, Item, PipelineClient, TransportOptions
+from avatarserve_client.v1 import avatar_service_pb2 as pb
 
 SR = 16000
 SPB = 7680  # 480 ms blocks, as the shipped presets
@@ -241,7 +242,7 @@ async def test_idle_timeout_at_the_cap_ends_the_stream_and_other_sessions_keep_f
 
         try:
             await asyncio.wait_for(scenario(), GUARD_S)
-        except StreamAbort as exc:
+        except ApiError as exc:
             watchdog.check()
             raise AssertionError(f"a stream failed: {exc.code} {exc.message}") from exc
         watchdog.check()

@@ -23,6 +23,7 @@ import logging
 import secrets
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional
 
 import grpc
@@ -38,7 +39,7 @@ from avatarserve.serve.control.admission import Admission, AdmissionRefused
 from avatarserve.serve.control.autoscale import WAITING_SESSIONS_METRIC
 from avatarserve.serve.control.registry import ReplicaRegistry, RouteHop
 from avatarserve.serve.control.session_store import SessionStore, sink_from_bytes
-from avatarserve.serve.dataplane.transport import PipelineClient, PipelineError, TransportOptions
+from avatarserve.serve.dataplane.transport import PipelineClient, PipelineError, PipelineSession, TransportOptions
 from avatarserve.serve.ops.metrics import GatewayMetrics, SessionMeter
 from avatarserve.serve.ray_compat import in_serve_replica
 
@@ -283,83 +284,18 @@ class Gateway:
 
     # ----- streaming ----------------------------------------------------------------------------------------
     async def StreamSession(self, requests, grpc_context=None):
-        registry, store, client = self._clients()
         it = requests.__aiter__()
-        locked = False
-        keepalive = None
-        pipe = None
+        lease = _StreamLease()
         completed = False
         try:
-            try:
-                first = await it.__anext__()
-            except StopAsyncIteration:
-                raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "empty stream: the first message must be Hello")
-            if first.WhichOneof("kind") != "hello":
-                raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "the first message of a stream must be Hello")
-            sid = first.hello.session_id
-            rec = await self._authorize(sid, first.hello.session_token)
-            if rec.state in ("CLOSED", "FAILED"):
-                raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, f"session {sid!r} is {rec.state}")
-            if not await store.acquire_stream_lock(sid, self.replica_id):
-                raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, f"a stream is already open for session {sid!r}")
-            locked = True
-            keepalive = asyncio.get_running_loop().create_task(self._keep_session_alive(sid), name=f"{sid}/keepalive")
-            route = await registry.get_route(sid)
-            if not route:
-                raise ApiError(grpc.StatusCode.UNAVAILABLE, f"session {sid!r} has no pipeline route")
-            try:
-                route = await self.admission.place_route(registry, sid, route)
-            except AdmissionRefused as exc:
-                raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc),
-                               {"retry-after-ms": str(exc.retry_after_ms)}) from exc
-            opts = await store.get_options(sid)
-            settings = StreamSettings(
-                sample_rate=self.stream.sample_rate, samples_per_block=self.stream.samples_per_block,
-                frames_per_block=self.stream.frames_per_block, fps=self.stream.fps, width=self.stream.width,
-                height=self.stream.height, encoding=opts.get("encoding", "s16le"),
-                idle_mode=opts.get("idle_mode", "fill"), fill_grace_ms=int(opts.get("fill_grace_ms", 200)),
-                idle_timeout_s=float(opts.get("idle_timeout_s", 300)), max_in_flight=self.app.in_flight_limit)
-            try:
-                pipe = await client.open(sid, [h.address for h in route], json.dumps(opts).encode())
-            except PipelineError as exc:
-                raise ApiError(grpc.StatusCode.UNAVAILABLE, f"could not open the pipeline: {exc.message}") from exc
-            await store.set_state(sid, "STREAMING")
-            meter = SessionMeter(self.stream.fps, self.app.fps_window_s)
-            m = self.metrics
-            seen = {"ttff": False, "interrupts": 0}
-
-            async def on_block(stats: dict) -> None:
-                delivered = stats["delivered"]
-                if m is not None:  # observed as they happen, so rates over short windows see them
-                    if not seen["ttff"] and ctl.ttff_s is not None:
-                        seen["ttff"] = True
-                        m.observe("avatarserve_time_to_first_frame_seconds", ctl.ttff_s)
-                    for s_ in ctl.interrupt_to_idle_s[seen["interrupts"]:]:
-                        m.observe("avatarserve_interrupt_to_idle_seconds", s_)
-                    seen["interrupts"] = len(ctl.interrupt_to_idle_s)
-                meter.generated(stats["frames"])
-                if delivered:
-                    meter.delivered(stats["frames"])
-                    await store.incr(sid, blocks_generated=1, blocks_delivered=1,
-                                     frames_delivered=self.stream.frames_per_block, idle_blocks=int(stats["is_idle"]))
-                else:
-                    await store.incr(sid, blocks_generated=1)
-                if m is None:
-                    return
-                m.block(stats["stamps"], stats["received_ns"])
-                m.observe("avatarserve_block_latency_seconds", stats["latency_s"])
-                if not delivered:
-                    m.inc("avatarserve_frames_dropped", stats["frames"], reason="interrupt")
-                    return
-                m.inc("avatarserve_frames_delivered", stats["frames"])
-                m.observe("avatarserve_block_delivery_lag_seconds", max(0.0, stats["lag_s"]))
-                if stats["lag_s"] > self.app.late_after_s:
-                    m.inc("avatarserve_frames_late", stats["frames"])
-                m.observe("avatarserve_av_skew_seconds", abs(stats["av_skew_s"]))
-
-            ctl = StreamController(sid, settings, pipe, on_block=on_block, geometry=self._geometry())
-            self._streams[sid] = (ctl, meter)
+            settings = await self._open_stream(it, lease)
+            _, store, _ = self._clients()
+            observer = _StreamObserver(self, lease.sid, store)
+            ctl = StreamController(lease.sid, settings, lease.pipe, on_block=observer, geometry=self._geometry())
+            observer.ctl = ctl
+            self._streams[lease.sid] = (ctl, observer.meter)
             self._count("avatarserve_stream_starts")
+            lease.streaming = True
             try:
                 async for msg in ctl.run(it):
                     if msg.WhichOneof("kind") == "status" and msg.status.kind == pb.StatusEvent.KIND_END_OF_STREAM:
@@ -368,28 +304,15 @@ class Gateway:
                         completed = True
                     yield msg
             finally:
-                self._streams.pop(sid, None)
-                if m is not None:
-                    sr = float(self.stream.sample_rate)
-                    m.inc("avatarserve_audio_dropped_seconds", ctl.counters.audio_samples_late / sr, reason="late")
-                    m.inc("avatarserve_audio_dropped_seconds", ctl.counters.audio_samples_discarded / sr,
-                          reason="interrupt")
-                    if completed:
-                        m.inc("avatarserve_stream_ends", code="OK")
-                await store.incr(sid, audio_samples=ctl.counters.audio_samples_received,
-                                 interrupts=ctl.counters.interrupts)
-                if completed:
-                    await store.set_state(sid, "IDLE")
-        except (_Abort, StreamAbort) as err:
-            if isinstance(err, StreamAbort):
-                if locked and err.code == "INTERNAL":
-                    await store.set_state(sid, "FAILED")
-                err = _Abort(getattr(grpc.StatusCode, err.code), err.message, err.trailing)
+                self._streams.pop(lease.sid, None)
+                await observer.finish(completed)
+        except ApiError as err:
+            if lease.streaming and err.code == grpc.StatusCode.INTERNAL:
+                _, store, _ = self._clients()
+                await store.set_state(lease.sid, "FAILED")
             self._count("avatarserve_stream_ends", code=err.code.name)
             apply_to_context(grpc_context, err)
-            # A streaming method's status only reaches the client through an exception raised after setting
-            # the code (Serve wraps it with the code set on the context); returning would end the call OK.
-            raise _StreamFailed(err.message) from None
+            raise StreamFailed(err.message) from None
         except (asyncio.CancelledError, GeneratorExit):
             if not completed:
                 self._count("avatarserve_stream_ends", code="CANCELLED")
@@ -399,17 +322,61 @@ class Gateway:
                 self._count("avatarserve_stream_ends", code="INTERNAL")
             raise
         finally:
-            if keepalive is not None:
-                keepalive.cancel()
-                await asyncio.gather(keepalive, return_exceptions=True)
-            if pipe is not None:
-                await pipe.close()
-            if locked:
-                try:  # the session's TTL counts from the end of its last stream
-                    await self._touch_session(sid)
-                except Exception as exc:  # noqa: BLE001 - the keys still expire on their previous TTL
-                    log.warning("session %s: TTL refresh at stream end failed: %s", sid, exc)
-                await store.release_stream_lock(sid, self.replica_id)
+            await self._end_lease(lease)
+
+    async def _open_stream(self, it, lease: "_StreamLease") -> StreamSettings:
+        """Hello -> authorized session, its stream lock, a live route and an open pipeline (recorded in `lease`)."""
+        registry, store, client = self._clients()
+        try:
+            first = await it.__anext__()
+        except StopAsyncIteration:
+            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "empty stream: the first message must be Hello")
+        if first.WhichOneof("kind") != "hello":
+            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "the first message of a stream must be Hello")
+        sid = first.hello.session_id
+        rec = await self._authorize(sid, first.hello.session_token)
+        if rec.state in ("CLOSED", "FAILED"):
+            raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, f"session {sid!r} is {rec.state}")
+        if not await store.acquire_stream_lock(sid, self.replica_id):
+            raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, f"a stream is already open for session {sid!r}")
+        lease.sid = sid
+        lease.keepalive = asyncio.get_running_loop().create_task(self._keep_session_alive(sid), name=f"{sid}/keepalive")
+        route = await registry.get_route(sid)
+        if not route:
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, f"session {sid!r} has no pipeline route")
+        try:
+            route = await self.admission.place_route(registry, sid, route)
+        except AdmissionRefused as exc:
+            raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc),
+                           {"retry-after-ms": str(exc.retry_after_ms)}) from exc
+        opts = await store.get_options(sid)
+        st = self.stream
+        settings = StreamSettings(
+            sample_rate=st.sample_rate, samples_per_block=st.samples_per_block, frames_per_block=st.frames_per_block,
+            fps=st.fps, width=st.width, height=st.height, encoding=opts.get("encoding", "s16le"),
+            idle_mode=opts.get("idle_mode", "fill"), fill_grace_ms=int(opts.get("fill_grace_ms", 200)),
+            idle_timeout_s=float(opts.get("idle_timeout_s", 300)), max_in_flight=self.app.in_flight_limit)
+        try:
+            lease.pipe = await client.open(sid, [h.address for h in route], json.dumps(opts).encode())
+        except PipelineError as exc:
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, f"could not open the pipeline: {exc.message}") from exc
+        await store.set_state(sid, "STREAMING")
+        return settings
+
+    async def _end_lease(self, lease: "_StreamLease") -> None:
+        """Free what an opened stream holds: keepalive, pipeline, stream lock (the session's TTL restarts now)."""
+        _, store, _ = self._clients()
+        if lease.keepalive is not None:
+            lease.keepalive.cancel()
+            await asyncio.gather(lease.keepalive, return_exceptions=True)
+        if lease.pipe is not None:
+            await lease.pipe.close()
+        if lease.sid is not None:
+            try:  # the session's TTL counts from the end of its last stream
+                await self._touch_session(lease.sid)
+            except Exception as exc:  # noqa: BLE001 - the keys still expire on their previous TTL
+                log.warning("session %s: TTL refresh at stream end failed: %s", lease.sid, exc)
+            await store.release_stream_lock(lease.sid, self.replica_id)
 
     async def _touch_session(self, sid: str) -> bool:
         registry, store, _ = self._clients()
@@ -428,6 +395,74 @@ class Gateway:
                                 self.session_ttl_s)
             except Exception as exc:  # noqa: BLE001 - retried at the next period; the stream itself goes on
                 log.warning("session %s: TTL refresh failed: %s", sid, exc)
+
+
+@dataclass
+class _StreamLease:
+    """What one StreamSession holds once it got that far (freed by `Gateway._end_lease`)."""
+
+    sid: Optional[str] = None  # set once the stream lock is held
+    keepalive: Optional[asyncio.Task] = None
+    pipe: Optional[PipelineSession] = None
+    streaming: bool = False  # the controller runs: an INTERNAL error now marks the session FAILED
+
+
+class _StreamObserver:
+    """Per-block accounting of one stream: session counters in the store, the FPS meter, Prometheus metrics."""
+
+    def __init__(self, gateway: "Gateway", sid: str, store: SessionStore):
+        self.gw = gateway
+        self.sid = sid
+        self.store = store
+        self.meter = SessionMeter(gateway.stream.fps, gateway.app.fps_window_s)
+        self.ctl: Optional[StreamController] = None
+        self._ttff_seen = False
+        self._interrupts_seen = 0
+
+    async def __call__(self, stats: dict) -> None:
+        m, delivered, frames = self.gw.metrics, stats["delivered"], stats["frames"]
+        self.meter.generated(frames)
+        if delivered:
+            self.meter.delivered(frames)
+            await self.store.incr(self.sid, blocks_generated=1, blocks_delivered=1,
+                                  frames_delivered=self.gw.stream.frames_per_block, idle_blocks=int(stats["is_idle"]))
+        else:
+            await self.store.incr(self.sid, blocks_generated=1)
+        if m is None:
+            return
+        self._observe_events(m)
+        m.block(stats["stamps"], stats["received_ns"])
+        m.observe("avatarserve_block_latency_seconds", stats["latency_s"])
+        if not delivered:
+            m.inc("avatarserve_frames_dropped", frames, reason="interrupt")
+            return
+        m.inc("avatarserve_frames_delivered", frames)
+        m.observe("avatarserve_block_delivery_lag_seconds", max(0.0, stats["lag_s"]))
+        if stats["lag_s"] > self.gw.app.late_after_s:
+            m.inc("avatarserve_frames_late", frames)
+        m.observe("avatarserve_av_skew_seconds", abs(stats["av_skew_s"]))
+
+    def _observe_events(self, m: GatewayMetrics) -> None:
+        """TTFF and interrupt-to-idle, observed as they happen so rates over short windows see them."""
+        ctl = self.ctl
+        if not self._ttff_seen and ctl.ttff_s is not None:
+            self._ttff_seen = True
+            m.observe("avatarserve_time_to_first_frame_seconds", ctl.ttff_s)
+        for s in ctl.interrupt_to_idle_s[self._interrupts_seen:]:
+            m.observe("avatarserve_interrupt_to_idle_seconds", s)
+        self._interrupts_seen = len(ctl.interrupt_to_idle_s)
+
+    async def finish(self, completed: bool) -> None:
+        c, m = self.ctl.counters, self.gw.metrics
+        if m is not None:
+            sr = float(self.gw.stream.sample_rate)
+            m.inc("avatarserve_audio_dropped_seconds", c.audio_samples_late / sr, reason="late")
+            m.inc("avatarserve_audio_dropped_seconds", c.audio_samples_discarded / sr, reason="interrupt")
+            if completed:
+                m.inc("avatarserve_stream_ends", code="OK")
+        await self.store.incr(self.sid, audio_samples=c.audio_samples_received, interrupts=c.interrupts)
+        if completed:
+            await self.store.set_state(self.sid, "IDLE")
 
 
 def _counters(rec) -> pb.SessionCounters:

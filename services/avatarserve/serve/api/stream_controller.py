@@ -29,25 +29,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Dict, Optional
 
+import grpc
 import numpy as np
-
 from avatarserve_client.v1 import avatar_service_pb2 as pb
 
-from avatarserve.serve.dataplane.transport import BlockItem, ControlItem, ErrorCode, PipelineError
+from avatarserve.engine.idle import is_idle as is_idle_rms
+from avatarserve.serve.api.errors import ApiError, from_pipeline_error
+from avatarserve.serve.dataplane.transport import BlockItem, ControlItem, PipelineError
 
-IDLE_RMS = 1e-3
 # Shortest sleep of the feeder: a deadline reached within the clock's rounding still sleeps, never spins.
 _MIN_SLEEP_S = 1e-3
-
-
-class StreamAbort(Exception):
-    """Ends the stream with a gRPC status (code name from grpc.StatusCode) and message."""
-
-    def __init__(self, code: str, message: str, trailing: Optional[Dict[str, str]] = None):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.trailing = trailing or {}
 
 
 @dataclass
@@ -166,7 +157,7 @@ class StreamController:
             raise
         except BaseException as exc:  # first failure ends the stream with its status
             if self._fatal is None:
-                self._fatal = exc if isinstance(exc, StreamAbort) else _abort_for(exc)
+                self._fatal = exc if isinstance(exc, ApiError) else _api_error_for(exc)
             self._room.set()
             await self._put(_Done())
 
@@ -183,13 +174,13 @@ class StreamController:
     def _decode_pcm(self, data: bytes) -> np.ndarray:
         if self.s.encoding == "f32le":
             if len(data) % 4:
-                raise StreamAbort("INVALID_ARGUMENT", f"f32le pcm of {len(data)} bytes is not a multiple of 4")
+                raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"f32le pcm of {len(data)} bytes is not a multiple of 4")
             x = np.frombuffer(data, dtype="<f4").astype(np.float32)
             if not np.isfinite(x).all():
-                raise StreamAbort("INVALID_ARGUMENT", "f32le audio contains NaN or Inf")
+                raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "f32le audio contains NaN or Inf")
             return np.clip(x, -1.0, 1.0)
         if len(data) % 2:
-            raise StreamAbort("INVALID_ARGUMENT", f"s16le pcm of {len(data)} bytes is not a multiple of 2")
+            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"s16le pcm of {len(data)} bytes is not a multiple of 2")
         return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
 
     async def _read(self, requests: AsyncIterator) -> None:
@@ -203,24 +194,24 @@ class StreamController:
                 elif msg.control.kind == pb.Control.KIND_END_OF_INPUT:
                     break
                 else:
-                    raise StreamAbort("INVALID_ARGUMENT", f"unknown control kind {msg.control.kind}")
+                    raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown control kind {msg.control.kind}")
             elif kind == "hello":
-                raise StreamAbort("INVALID_ARGUMENT", "Hello may only be the first message of a stream")
+                raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "Hello may only be the first message of a stream")
             else:
-                raise StreamAbort("INVALID_ARGUMENT", "empty ClientMessage")
+                raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "empty ClientMessage")
         self.end_of_input = True  # END_OF_INPUT or half-close
         self._wake.set()
 
     async def _on_audio(self, chunk: pb.AudioChunk) -> None:
         if chunk.seq <= self.last_seq:
-            raise StreamAbort("INVALID_ARGUMENT", f"audio seq {chunk.seq} does not increase (last {self.last_seq})")
+            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"audio seq {chunk.seq} does not increase (last {self.last_seq})")
         self.last_seq = chunk.seq
         pcm = self._decode_pcm(chunk.pcm)
         if len(pcm) * 1000 > self.s.max_chunk_ms * self.s.sample_rate:
-            raise StreamAbort("INVALID_ARGUMENT", f"audio chunk of {self._ms(len(pcm))} ms is longer than "
+            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"audio chunk of {self._ms(len(pcm))} ms is longer than "
                                                   f"{self.s.max_chunk_ms} ms")
         if chunk.pts_ms < 0:
-            raise StreamAbort("INVALID_ARGUMENT", f"negative pts_ms {chunk.pts_ms}")
+            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"negative pts_ms {chunk.pts_ms}")
         self.counters.audio_chunks_received += 1
         if not len(pcm):
             return  # keep-alive
@@ -228,7 +219,7 @@ class StreamController:
         start = chunk.pts_ms * self.s.sample_rate // 1000
         tol = self.s.sample_rate // 1000
         if start < self.real_end - tol:
-            raise StreamAbort("INVALID_ARGUMENT", f"audio pts_ms {chunk.pts_ms} overlaps audio already received "
+            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"audio pts_ms {chunk.pts_ms} overlaps audio already received "
                                                   f"(received up to {self._ms(self.real_end)} ms)")
         start = max(start, self.real_end)  # absorb the rounding tolerance
         if self.s.idle_mode == "wait":
@@ -287,7 +278,7 @@ class StreamController:
     async def _send_block(self, pcm: np.ndarray, real_samples: int) -> None:
         spb = self.s.samples_per_block
         rms = float(np.sqrt(np.mean(np.square(pcm, dtype=np.float64)))) if real_samples else 0.0
-        is_idle = real_samples == 0 or rms < IDLE_RMS
+        is_idle = real_samples == 0 or is_idle_rms(rms)
         b = self.next_block
         pts = self._ms(self.clock_pos)
         self.in_flight[b] = _InFlight(pts_ms=pts, is_idle=is_idle, sent_at=self.clock())
@@ -387,7 +378,7 @@ class StreamController:
         b = item.block_index
         meta = self.in_flight.pop(b, None)
         if meta is None:
-            raise StreamAbort("INTERNAL", f"pipeline returned block {b}, which was not in flight")
+            raise ApiError(grpc.StatusCode.INTERNAL, f"pipeline returned block {b}, which was not in flight")
         self._wake.set()  # room under the cap: the feeder may send the next block while this one is delivered
         self.counters.blocks_generated += 1
         now = self.clock()
@@ -448,14 +439,7 @@ def _as_bytes(t) -> bytes:
     return _as_numpy(t).tobytes()
 
 
-_PIPE_TO_GRPC = {
-    ErrorCode.INVALID_ARGUMENT: "INVALID_ARGUMENT",
-    ErrorCode.UNAVAILABLE: "UNAVAILABLE",
-    ErrorCode.DEADLINE_EXCEEDED: "DEADLINE_EXCEEDED",
-}
-
-
-def _abort_for(exc: BaseException) -> StreamAbort:
+def _api_error_for(exc: BaseException) -> ApiError:
     if isinstance(exc, PipelineError):
-        return StreamAbort(_PIPE_TO_GRPC.get(exc.code, "INTERNAL"), f"pipeline error: {exc.message}")
-    return StreamAbort("INTERNAL", f"{type(exc).__name__}: {exc}")
+        return from_pipeline_error(exc)
+    return ApiError(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
