@@ -5,7 +5,8 @@
 # - a project-local virtual environment, .venv (no system site packages: what the project needs, it declares)
 # - PyTorch in it: the CPU wheel torch==2.13.0 when the venv has no torch yet. GPU users put their CUDA build of torch
 #   into .venv first (`python3 -m venv .venv && .venv/bin/pip install torch`); it is kept.
-# - the project itself (editable) with its test extras
+# - the client SDK distribution (clients/python, avatarserve-client; not on PyPI), editable, then the project
+#   itself (editable) with its test extras; the project depends on the client
 # Set AVATARSERVE_VENV to use another folder, PYTHON for the interpreter that creates it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,5 +41,7 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   echo "[setup] pip install torch==2.13.0 (CPU wheel) into $VENV"
   "$VPY" -m pip install -q torch==2.13.0
 fi
+echo "[setup] pip install -e ./clients/python (avatarserve-client) into $VENV"
+"$VPY" -m pip install -q -e ./clients/python
 echo "[setup] pip install -e .[test] into $VENV"
 "$VPY" -m pip install -q -e ".[test]"

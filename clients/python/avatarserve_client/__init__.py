@@ -15,8 +15,9 @@ from .audio import (SAMPLE_RATE, RealtimePacer, chunk_pcm, float_to_pcm16, pcm_t
                     resample, silence)
 from .client import AvatarClient, Session
 from .errors import (AvatarServeError, CapacityExhausted, Cancelled, DeadlineExceeded,
-                     FailedPrecondition, InvalidArgument, MediaError, PermissionDenied, ProtocolError,
-                     ServerError, SessionNotFound, Unavailable, from_rpc_error)
+                     FailedPrecondition, InvalidArgument, MediaError, MissingDependency,
+                     PermissionDenied, ProtocolError, ServerError, SessionNotFound, Unavailable,
+                     from_rpc_error)
 from .media import Mp4Writer, VideoBlock, decode_h264, decode_jpeg, write_mp4
 from .types import (AudioEncoding, CloseSummary, Counters, EventKind, Geometry, IdleMode,
                     OutputFormat, SessionHandle, SessionInfo, SessionState, StatusEvent)
@@ -28,9 +29,10 @@ __all__ = [
     "AsyncAvatarClient", "AsyncSession", "AudioEncoding", "AvatarClient", "AvatarServeError",
     "Cancelled", "CapacityExhausted", "CloseSummary", "Counters", "DeadlineExceeded",
     "END_OF_INPUT", "EventKind", "FailedPrecondition", "Geometry", "INTERRUPT", "IdleMode",
-    "InvalidArgument", "MediaError", "Mp4Writer", "OutputFormat", "PermissionDenied",
-    "ProtocolError", "RealtimePacer", "SAMPLE_RATE", "ServerError", "Session", "SessionHandle",
-    "SessionInfo", "SessionNotFound", "SessionState", "StatusEvent", "StreamMarker", "StreamStats",
-    "Unavailable", "VideoBlock", "chunk_pcm", "decode_h264", "decode_jpeg", "float_to_pcm16",
-    "from_rpc_error", "pcm_to_bytes", "read_wav", "resample", "silence", "write_mp4",
+    "InvalidArgument", "MediaError", "MissingDependency", "Mp4Writer", "OutputFormat",
+    "PermissionDenied", "ProtocolError", "RealtimePacer", "SAMPLE_RATE", "ServerError",
+    "Session", "SessionHandle", "SessionInfo", "SessionNotFound", "SessionState", "StatusEvent",
+    "StreamMarker", "StreamStats", "Unavailable", "VideoBlock", "chunk_pcm", "decode_h264",
+    "decode_jpeg", "float_to_pcm16", "from_rpc_error", "pcm_to_bytes", "read_wav", "resample",
+    "silence", "write_mp4",
 ]

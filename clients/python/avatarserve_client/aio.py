@@ -12,24 +12,14 @@ import grpc.aio
 from avatarserve_client.v1 import avatar_service_pb2 as pb
 from avatarserve_client.v1 import avatar_service_pb2_grpc as pb_grpc
 
-from ._streaming import (DEFAULT_MAX_MESSAGE_BYTES, AsyncSendQueue, AudioStamper, StreamStats,
-                         control_message, load_image_bytes)
-from .audio import RealtimePacer, _aiter
-from .client import Metadata, StreamItem, channel_options, request_metadata
-from .errors import AvatarServeError, FailedPrecondition, ProtocolError, SessionNotFound, from_rpc_error
-from .media import video_block_from_proto
-from .types import (AudioEncoding, CloseSummary, EventKind, Geometry, IdleMode, OutputFormat,
-                    SessionHandle, SessionInfo, StatusEvent, build_create_request, parse_formats)
-
-
-def _session_ref(session: "SessionHandle | AsyncSession | str", token: str | None) -> tuple[str, str]:
-    if isinstance(session, AsyncSession):
-        session = session.handle
-    if isinstance(session, SessionHandle):
-        return session.session_id, session.session_token
-    if token is None:
-        raise TypeError("a session_token is required when the session is given by id")
-    return session, token
+from ._stream_protocol import StreamItem, StreamProtocol
+from ._streaming import (DEFAULT_MAX_MESSAGE_BYTES, AsyncSendQueue, StreamStats, control_message,
+                         load_image_bytes)
+from .audio import _aiter
+from .client import Metadata, channel_options, request_metadata, session_ref
+from .errors import AvatarServeError, FailedPrecondition, SessionNotFound, from_rpc_error
+from .types import (AudioEncoding, CloseSummary, Geometry, IdleMode, OutputFormat, SessionHandle,
+                    SessionInfo, StatusEvent, build_create_request, parse_formats)
 
 
 class AsyncAvatarClient:
@@ -76,14 +66,14 @@ class AsyncAvatarClient:
 
     async def get_session(self, session: "SessionHandle | AsyncSession | str", token: str | None = None,
                           *, timeout: float | None = None) -> SessionInfo:
-        sid, tok = _session_ref(session, token)
+        sid, tok = session_ref(session, token)
         reply = await self._unary(self._stub.GetSession,
                                   pb.GetSessionRequest(session_id=sid, session_token=tok), sid, timeout)
         return SessionInfo.from_proto(reply)
 
     async def close_session(self, session: "SessionHandle | AsyncSession | str", token: str | None = None,
                             *, timeout: float | None = None) -> CloseSummary:
-        sid, tok = _session_ref(session, token)
+        sid, tok = session_ref(session, token)
         reply = await self._unary(self._stub.CloseSession,
                                   pb.CloseSessionRequest(session_id=sid, session_token=tok), sid, timeout)
         return CloseSummary.from_proto(reply)
@@ -171,16 +161,11 @@ class AsyncSession:
                           include_events: bool, end_of_input: bool, decode: bool,
                           timeout: float | None, on_event: Callable[[StatusEvent], None] | None
                           ) -> AsyncIterator[StreamItem]:
-        handle, geometry = self.handle, self.handle.geometry
-        stats = self.stats = StreamStats(started_at=time.monotonic())
-        live = handle.idle_mode is IdleMode.FILL_SILENCE
-        stamper = AudioStamper(handle.audio_encoding, geometry.sample_rate,
-                               floor_ms=(lambda: int((time.monotonic() - stats.started_at) * 1000))
-                               if live else None)
-        call = self.client._stub.StreamSession(metadata=self.client._md(handle.session_id),
+        proto = StreamProtocol(self.handle, self.events, include_events=include_events,
+                               decode=decode, on_event=on_event)
+        self.stats = proto.stats
+        call = self.client._stub.StreamSession(metadata=self.client._md(self.session_id),
                                                timeout=timeout)
-        feeder_error: list[BaseException] = []
-        write_failed: list[BaseException] = []
         # grpc.aio replaces the server's status with INTERNAL when a write is in flight as the
         # server ends the call (grpc/grpc#36066). Waiting for STARTED before sending audio keeps
         # Hello rejections (NOT_FOUND, PERMISSION_DENIED, FAILED_PRECONDITION) intact.
@@ -188,89 +173,58 @@ class AsyncSession:
 
         async def write() -> None:
             try:
-                await call.write(pb.ClientMessage(hello=pb.Hello(
-                    session_id=handle.session_id, session_token=handle.session_token)))
+                await call.write(proto.hello())
                 await started.wait()
                 while (msg := await queue.get()) is not None:
-                    stats.on_sent(msg)
+                    proto.sent(msg)
                     await call.write(msg)
                 await call.done_writing()
-            except (grpc.RpcError, asyncio.InvalidStateError) as exc:
-                write_failed.append(exc)  # the call ended; the reading side reports why
+            except (grpc.RpcError, asyncio.InvalidStateError):
+                proto.write_failed = True  # the call ended; the reading side reports why
 
         async def feed() -> None:
             try:
-                items: Any = audio
-                if realtime:
-                    items = RealtimePacer(items, lead_ms=lead_ms, sample_rate=geometry.sample_rate,
-                                          bytes_per_sample=handle.audio_encoding.sample_size)
-                async for item in _aiter(items):
-                    msg = stamper.to_message(item)
-                    if msg.WhichOneof("kind") == "control" and \
-                            msg.control.kind == pb.Control.KIND_END_OF_INPUT:
+                async for item in _aiter(proto.audio_items(audio, realtime, lead_ms)):
+                    msg = proto.to_message(item)
+                    if proto.is_end_of_input(msg):
                         await queue.close(msg)
                         return
                     if not await queue.put(msg):
                         return
                 if end_of_input:
-                    await queue.close(control_message(pb.Control.KIND_END_OF_INPUT))
+                    await queue.close(proto.end_of_input())
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:
-                feeder_error.append(exc)
+                proto.feeder_failed(exc)
                 call.cancel()
 
         self._queue = queue
         tasks = [asyncio.create_task(write())]
         if audio is not None:
             tasks.append(asyncio.create_task(feed()))
-        ended = False
         try:
-            while True:
-                reply = await call.read()
-                if reply is grpc.aio.EOF:
-                    break
+            while (reply := await call.read()) is not grpc.aio.EOF:
                 now = time.monotonic()
-                kind = reply.WhichOneof("kind")
-                if kind == "video":
-                    if decode and (reply.video.jpeg_frames or reply.video.HasField("h264")):
-                        # Decoding is CPU work: keep the event loop responsive.
-                        block = await asyncio.to_thread(video_block_from_proto, reply.video,
-                                                        fps=geometry.fps, received_at=now)
-                    else:
-                        block = video_block_from_proto(reply.video, fps=geometry.fps,
-                                                       received_at=now, decode=False)
-                    stats.on_block(block.num_frames, block.is_idle, now)
-                    yield block
-                elif kind == "status":
-                    event = StatusEvent.from_proto(reply.status, now)
-                    if event.kind is EventKind.STARTED:
-                        started.set()
-                    self.events.append(event)
-                    if on_event is not None:
-                        on_event(event)
-                    if include_events:
-                        yield event
-                    if event.kind is EventKind.END_OF_STREAM:
-                        ended = True
-                        break
-                else:
-                    raise ProtocolError(f"server sent an empty or unknown ServerMessage ({kind!r})")
-            if feeder_error:
-                raise feeder_error[0]
+                # Decoding is CPU work: keep the event loop responsive.
+                block = (await asyncio.to_thread(proto.video_block, reply, now)
+                         if proto.needs_decoding(reply) else None)
+                item = proto.receive(reply, now, block)
+                if proto.started:
+                    started.set()
+                if item is not None:
+                    yield item
+                if proto.ended:
+                    break
+            proto.raise_feeder_error()
         except (grpc.RpcError, asyncio.CancelledError) as exc:
-            if feeder_error:
-                raise feeder_error[0] from exc
-            if isinstance(exc, grpc.RpcError):
-                err = from_rpc_error(exc)
-                if write_failed and err.code is grpc.StatusCode.INTERNAL:
-                    err.details += (" (the server ended the stream while audio was being sent; "
-                                    "grpc.aio lost the server's status, see grpc/grpc#36066)")
-                raise err from exc
-            raise
+            error = proto.error_for(exc)
+            if error is None:
+                raise
+            raise error from exc
         finally:
             started.set()
-            if not ended:
+            if not proto.ended:
                 call.cancel()
             await queue.close()
             for task in tasks:

@@ -16,7 +16,7 @@ import numpy as np
 
 from avatarserve_client.v1 import avatar_service_pb2 as pb
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, MissingDependency
 
 SAMPLE_RATE = 16000
 MAX_CHUNK_MS = 1000  # server-side limit per AudioChunk (see the proto)
@@ -68,13 +68,22 @@ def float_to_pcm16(x: np.ndarray) -> np.ndarray:
     return np.round(np.clip(x, -1.0, 1.0) * 32767.0).astype(np.int16)
 
 
+def require_soundfile(feature: str, extra: str = "audio") -> Any:
+    """soundfile, an optional dependency (the `audio` extra); MissingDependency naming `feature` if absent."""
+    try:
+        import soundfile
+    except ImportError as exc:
+        raise MissingDependency("soundfile", extra, feature) from exc
+    return soundfile
+
+
 def read_wav(path: str | os.PathLike[str], *, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Read an audio file (WAV/FLAC/OGG via libsndfile) as mono int16 PCM at `sample_rate`.
 
-    Multi-channel audio is averaged to mono; other rates are resampled.
+    Multi-channel audio is averaged to mono; other rates are resampled. Needs the `audio` extra
+    (soundfile).
     """
-    import soundfile as sf
-
+    sf = require_soundfile("read_wav (audio file reading)")
     try:
         data, rate = sf.read(os.fspath(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, OSError) as exc:

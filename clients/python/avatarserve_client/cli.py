@@ -1,10 +1,11 @@
-"""Command line: `avatarserve stream` / `python -m avatarserve_client stream`.
+"""Command line: `avatarserve-stream` / `python -m avatarserve_client stream` / `avatarserve stream`.
 
-    avatarserve stream --server HOST:PORT --image face.png --audio speech.wav --out out.mp4 \
+    avatarserve-stream --server HOST:PORT --image face.png --audio speech.wav --out out.mp4 \
         [--realtime] [--prompt TEXT] [--seed N] [--width W --height H]
 
 Streams the WAV through a new session, writes the video with the audio muxed in, and prints a
-one-line JSON summary (blocks, frames, ttff_s, fps, ...) on stdout.
+one-line JSON summary (blocks, frames, ttff_s, fps, ...) on stdout. Reading the audio and
+writing the MP4 need the `cli` extra: pip install 'avatarserve-client[cli]'.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from typing import Sequence
 
 import grpc
 
-from .audio import chunk_pcm, read_wav
+from .audio import chunk_pcm, read_wav, require_soundfile
 from .client import AvatarClient
 from .errors import AvatarServeError
-from .media import Mp4Writer, VideoBlock
+from .media import Mp4Writer, VideoBlock, require_av
 
 
 def add_stream_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -62,6 +63,9 @@ def stream_command(args: argparse.Namespace) -> int:
 
 
 def _stream(args: argparse.Namespace) -> dict:
+    # Before a session is created for nothing:
+    require_soundfile("the stream command (audio file reading)", extra="cli")
+    require_av("the stream command (MP4 writing)", extra="cli")
     pcm = read_wav(args.audio)
     chunks = chunk_pcm(pcm, chunk_ms=args.chunk_ms)
     credentials = grpc.ssl_channel_credentials() if args.tls else None
@@ -95,11 +99,16 @@ def _stream(args: argparse.Namespace) -> dict:
     }
 
 
-def run_stream(argv: Sequence[str] | None = None) -> int:
+def run_stream(argv: Sequence[str] | None = None, *, prog: str = "avatarserve stream") -> int:
     """Entry point for `avatarserve stream ARGS...` (argv excludes the word `stream`)."""
     parser = add_stream_arguments(argparse.ArgumentParser(
-        prog="avatarserve stream", description="Stream a WAV through AvatarServe into an MP4."))
+        prog=prog, description="Stream a WAV through AvatarServe into an MP4."))
     return stream_command(parser.parse_args(argv))
+
+
+def stream_main(argv: Sequence[str] | None = None) -> int:
+    """Console script `avatarserve-stream ARGS...` of the avatarserve-client distribution."""
+    return run_stream(argv, prog="avatarserve-stream")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,16 +11,13 @@ import grpc
 from avatarserve_client.v1 import avatar_service_pb2 as pb
 from avatarserve_client.v1 import avatar_service_pb2_grpc as pb_grpc
 
-from ._streaming import (DEFAULT_MAX_MESSAGE_BYTES, AudioStamper, SendQueue, StreamStats,
-                         control_message, load_image_bytes)
-from .audio import RealtimePacer
-from .errors import AvatarServeError, FailedPrecondition, ProtocolError, SessionNotFound, from_rpc_error
-from .media import VideoBlock, video_block_from_proto
-from .types import (AudioEncoding, CloseSummary, EventKind, Geometry, IdleMode, OutputFormat,
-                    SessionHandle, SessionInfo, StatusEvent, build_create_request, parse_formats)
+from ._stream_protocol import StreamItem, StreamProtocol
+from ._streaming import DEFAULT_MAX_MESSAGE_BYTES, SendQueue, StreamStats, control_message, load_image_bytes
+from .errors import AvatarServeError, FailedPrecondition, SessionNotFound, from_rpc_error
+from .types import (AudioEncoding, CloseSummary, Geometry, IdleMode, OutputFormat, SessionHandle,
+                    SessionInfo, StatusEvent, build_create_request, parse_formats)
 
 Metadata = Sequence[tuple[str, str]]
-StreamItem = VideoBlock | StatusEvent
 
 
 def channel_options(max_message_bytes: int, extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
@@ -38,9 +35,9 @@ def request_metadata(base: Metadata, application: str | None, session_id: str | 
     return md
 
 
-def _session_ref(session: "SessionHandle | Session | str", token: str | None) -> tuple[str, str]:
-    if isinstance(session, Session):
-        session = session.handle
+def session_ref(session: Any, token: str | None) -> tuple[str, str]:
+    """(id, token) of a SessionHandle, a Session / AsyncSession, or a session id with its token."""
+    session = getattr(session, "handle", session)
     if isinstance(session, SessionHandle):
         return session.session_id, session.session_token
     if token is None:
@@ -98,14 +95,14 @@ class AvatarClient:
 
     def get_session(self, session: "SessionHandle | Session | str", token: str | None = None, *,
                     timeout: float | None = None) -> SessionInfo:
-        sid, tok = _session_ref(session, token)
+        sid, tok = session_ref(session, token)
         reply = self._unary(self._stub.GetSession,
                             pb.GetSessionRequest(session_id=sid, session_token=tok), sid, timeout)
         return SessionInfo.from_proto(reply)
 
     def close_session(self, session: "SessionHandle | Session | str", token: str | None = None, *,
                       timeout: float | None = None) -> CloseSummary:
-        sid, tok = _session_ref(session, token)
+        sid, tok = session_ref(session, token)
         reply = self._unary(self._stub.CloseSession,
                             pb.CloseSessionRequest(session_id=sid, session_token=tok), sid, timeout)
         return CloseSummary.from_proto(reply)
@@ -204,90 +201,61 @@ class Session:
                     lead_ms: float, include_events: bool, end_of_input: bool, decode: bool,
                     timeout: float | None, on_event: Callable[[StatusEvent], None] | None
                     ) -> Iterator[StreamItem]:
-        handle, geometry = self.handle, self.handle.geometry
-        stats = self.stats = StreamStats(started_at=time.monotonic())
+        proto = StreamProtocol(self.handle, self.events, include_events=include_events,
+                               decode=decode, on_event=on_event)
+        self.stats = proto.stats
         stop = threading.Event()
-        feeder_error: list[BaseException] = []
-        live = handle.idle_mode is IdleMode.FILL_SILENCE
-        stamper = AudioStamper(handle.audio_encoding, geometry.sample_rate,
-                               floor_ms=(lambda: int((time.monotonic() - stats.started_at) * 1000))
-                               if live else None)
-        hello = pb.ClientMessage(hello=pb.Hello(session_id=handle.session_id,
-                                                session_token=handle.session_token))
 
         def requests() -> Iterator[pb.ClientMessage]:
-            yield hello
+            yield proto.hello()
             while (msg := queue.get()) is not None:
-                stats.on_sent(msg)
+                proto.sent(msg)
                 yield msg
 
-        call = self.client._stub.StreamSession(requests(), metadata=self.client._md(handle.session_id),
+        call = self.client._stub.StreamSession(requests(), metadata=self.client._md(self.session_id),
                                                timeout=timeout)
 
         def feed() -> None:
             try:
-                items: Iterable[Any] = audio if audio is not None else ()
-                if realtime:
-                    # stop.wait as the sleep makes pacing interruptible when the stream ends.
-                    items = RealtimePacer(items, lead_ms=lead_ms, sample_rate=geometry.sample_rate,
-                                          bytes_per_sample=handle.audio_encoding.sample_size,
-                                          sleep=stop.wait)
-                for item in items:
+                # stop.wait as the sleep makes pacing interruptible when the stream ends.
+                for item in proto.audio_items(audio, realtime, lead_ms, sleep=stop.wait):
                     if stop.is_set():
                         return
-                    msg = stamper.to_message(item)
-                    if msg.WhichOneof("kind") == "control" and \
-                            msg.control.kind == pb.Control.KIND_END_OF_INPUT:
+                    msg = proto.to_message(item)
+                    if proto.is_end_of_input(msg):
                         queue.close(msg)
                         return
-                    while not queue.put(msg, timeout=0.2):
-                        if queue.closed or stop.is_set():
-                            return
-                if audio is not None and end_of_input:
-                    queue.close(control_message(pb.Control.KIND_END_OF_INPUT))
+                    if not queue.put(msg):  # False once the stream ended (the queue is aborted)
+                        return
+                if end_of_input:
+                    queue.close(proto.end_of_input())
             except BaseException as exc:  # surfaced by the receiving side
-                feeder_error.append(exc)
+                proto.feeder_failed(exc)
                 queue.abort()
                 call.cancel()
 
-        feeder = threading.Thread(target=feed, name=f"avatarserve-feed-{handle.session_id[:8]}",
+        feeder = threading.Thread(target=feed, name=f"avatarserve-feed-{self.session_id[:8]}",
                                   daemon=True)
         self._queue = queue
-        ended = False
         try:
-            feeder.start()
+            if audio is not None:
+                feeder.start()
             for reply in call:
-                now = time.monotonic()
-                kind = reply.WhichOneof("kind")
-                if kind == "video":
-                    block = video_block_from_proto(reply.video, fps=geometry.fps, received_at=now,
-                                                   decode=decode)
-                    stats.on_block(block.num_frames, block.is_idle, now)
-                    yield block
-                elif kind == "status":
-                    event = StatusEvent.from_proto(reply.status, now)
-                    self.events.append(event)
-                    if on_event is not None:
-                        on_event(event)
-                    if include_events:
-                        yield event
-                    if event.kind is EventKind.END_OF_STREAM:
-                        ended = True
-                        break
-                else:
-                    raise ProtocolError(f"server sent an empty or unknown ServerMessage ({kind!r})")
-            if feeder_error:
-                raise feeder_error[0]
+                item = proto.receive(reply, time.monotonic())
+                if item is not None:
+                    yield item
+                if proto.ended:
+                    break
+            proto.raise_feeder_error()
         except grpc.RpcError as exc:
-            if feeder_error:
-                raise feeder_error[0] from exc
-            raise from_rpc_error(exc) from exc
+            raise proto.error_for(exc) from exc
         finally:
             stop.set()
             queue.abort()
-            if not ended:
+            if not proto.ended:
                 call.cancel()
-            feeder.join(timeout=2.0)
+            if feeder.ident is not None:
+                feeder.join(timeout=2.0)
             self._queue = None
 
     # -- lifecycle -------------------------------------------------------------------------

@@ -106,6 +106,16 @@ class MediaError(AvatarServeError):
     """Local media handling failed (decoding frames, writing an MP4)."""
 
 
+class MissingDependency(AvatarServeError, ImportError):
+    """A feature needs an optional package that is not installed (the message names the extra)."""
+
+    def __init__(self, module: str, extra: str, feature: str) -> None:
+        super().__init__(f"{feature} needs the Python package {module!r}, which is not installed; "
+                         f"install it with: pip install 'avatarserve-client[{extra}]'")
+        self.name = module
+        self.extra = extra
+
+
 _CODE_TO_CLASS: dict[grpc.StatusCode, type[AvatarServeError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.OUT_OF_RANGE: InvalidArgument,

@@ -12,7 +12,16 @@ import numpy as np
 
 from avatarserve_client.v1 import avatar_service_pb2 as pb
 
-from .errors import InvalidArgument, MediaError, ProtocolError
+from .errors import InvalidArgument, MediaError, MissingDependency, ProtocolError
+
+
+def require_av(feature: str, extra: str = "media") -> Any:
+    """PyAV, an optional dependency (the `media` extra); MissingDependency naming `feature` if absent."""
+    try:
+        import av
+    except ImportError as exc:
+        raise MissingDependency("av", extra, feature) from exc
+    return av
 
 
 @dataclass
@@ -55,7 +64,7 @@ def decode_jpeg(data: bytes) -> np.ndarray:
 
 def decode_h264(data: bytes) -> list[np.ndarray]:
     """Decode one self-contained Annex-B H.264 GOP into RGB frames."""
-    import av
+    av = require_av("H.264 decoding")
 
     try:
         ctx = av.CodecContext.create("h264", "r")
@@ -110,6 +119,7 @@ class Mp4Writer:
             if audio_pcm.ndim != 1 or audio_pcm.dtype not in (np.int16, np.float32):
                 raise InvalidArgument("audio_pcm must be 1-D int16 or float32 mono samples, got "
                                       f"shape {audio_pcm.shape} dtype {audio_pcm.dtype}")
+        require_av("MP4 writing")  # fail before any video is produced, not at the first frame
         self.path = os.fspath(path)
         self.fps = fps
         self.sample_rate = sample_rate
@@ -125,7 +135,7 @@ class Mp4Writer:
         self._closed = False
 
     def _open(self, width: int, height: int) -> None:
-        import av
+        av = require_av("MP4 writing")
 
         if width % 2 or height % 2 or width <= 0 or height <= 0:
             raise MediaError(f"H.264 yuv420p needs positive even dimensions, got {width}x{height}")
@@ -151,7 +161,7 @@ class Mp4Writer:
 
     def add_frames(self, frames: Iterable[np.ndarray], pts_ms: Iterable[float]) -> None:
         """Add RGB frames at the given presentation times (ms); times must increase."""
-        import av
+        av = require_av("MP4 writing")
 
         if self._closed:
             raise MediaError("Mp4Writer is closed")
@@ -179,7 +189,7 @@ class Mp4Writer:
             self._write_audio_until((self._last_pts + 1) * self.sample_rate // self.fps)
 
     def _write_audio_until(self, end_sample: int) -> None:
-        import av
+        av = require_av("MP4 writing")
 
         end_sample = min(end_sample, self._audio.shape[0])
         frame_size = 1024  # AAC frame length
