@@ -12,7 +12,7 @@ import pytest
 
 from avatarserve_client.v1 import avatar_service_pb2 as pb
 from avatarserve_client.v1 import avatar_service_pb2_grpc as pbg
-from avatarserve_client import AvatarClient, EventKind, StreamMarker, VideoBlock
+from avatarserve_client import AvatarClient, EventKind, VideoBlock
 from avatarserve_client.audio import chunk_pcm
 from avatarserve_client.errors import (FailedPrecondition, InvalidArgument, PermissionDenied, SessionNotFound)
 

@@ -3,7 +3,6 @@ output that every distributed path must reproduce."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Iterable, Iterator, List, Optional

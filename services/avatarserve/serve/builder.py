@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 from ray import serve
 from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, HTTPOptions, gRPCOptions
 
-from avatarserve.serve.config import ROLES, AppConfig, ConfigError
+from avatarserve.serve.config import AppConfig, ConfigError
 from avatarserve.serve.dataplane.stages import StageSpec
 from avatarserve.serve.deployments.cache import SinkFrameCache
 from avatarserve.serve.deployments.gateway import GatewayDeployment

@@ -24,15 +24,14 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Optional
 
 import grpc
 from grpc_health.v1 import health_pb2
 
 from avatarserve_client.v1 import avatar_service_pb2 as pb
 
-from avatarserve.serve.api.errors import (ApiError, StreamFailed, apply_to_context, from_pipeline_error, from_stage_error,
-                                          stage_error_of)
+from avatarserve.serve.api.errors import ApiError, StreamFailed, apply_to_context, from_stage_error, stage_error_of
 from avatarserve.serve.api.stream_controller import StreamController, StreamSettings
 from avatarserve.serve.config import AppConfig
 from avatarserve.serve.control.admission import Admission, AdmissionRefused

@@ -24,9 +24,8 @@ audio out of the buffer.
 from __future__ import annotations
 
 import asyncio
-import enum
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Dict, Optional
 
 import grpc
