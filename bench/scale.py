@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                    "autoscaling": {"enabled": True, "min_replicas": dict.fromkeys(("audio", "denoise", "vae"), 1),
                                    "max_replicas": dict.fromkeys(("audio", "denoise", "vae"), 1)},
                    "timeouts": {"admission_wait_s": 30.0}, "retry_after_ms": args.retry_after_ms, "ops": {"enabled": False}}
-            deploy(cfg, timeout_s=600)
+            deploy(cfg)
             out["startup_s"] = round(time.monotonic() - t0, 1)
             _log(f"cluster up in {out['startup_s']} s; saturating {args.capacity} session slot(s)")
             address = f"127.0.0.1:{gport}"

@@ -24,11 +24,14 @@ def cluster(serve_instance, redis_server):
     """gRPC address of a running AvatarServe app (tiny model) on the test session's Ray cluster."""
     from ray import serve
 
-    from avatarserve.serve.builder import build_app, wait_running
+    from avatarserve.serve.builder import build_app
     from avatarserve.serve.ops.launcher import wait_grpc_healthy
+    from avatarserve.serve.ops.progress import wait_running
 
     cfg = {"redis_url": redis_server.url, "namespace": "itest:", "registry_namespace": "itest:",
-           "model": {"config": "tiny", "seed": 0}}
+           "model": {"config": "tiny", "seed": 0},
+           # Teardown (serve.delete) waits for the stage replicas: a short drain keeps it within Serve's wait.
+           "timeouts": {"session_drain_s": 30}}
     serve.run(build_app(cfg), name=APP, route_prefix="/avatarserve", blocking=False)
     wait_running([APP], redis_server.url, "itest:")  # no time limit: a busy machine loads slowly, it does not fail
     wait_grpc_healthy(serve_instance.grpc_address, timeout=300)
