@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _launcher(cmd: str, args: argparse.Namespace) -> int:
-    from .serve import launcher
+    from .serve.ops import launcher
 
     return launcher.up(args.config) if cmd == "up" else launcher.down()
 
@@ -188,7 +188,7 @@ def _is_user_error(exc: BaseException) -> bool:
 
     known: tuple = (EngineError, CheckpointError, ConfigError, ModelInputError, FileNotFoundError, AvatarServeError)
     try:
-        from .serve.launcher import LauncherError
+        from .serve.ops.launcher import LauncherError
 
         known += (LauncherError,)
     except ImportError:  # serving extras missing: the model CLI still works
