@@ -298,13 +298,17 @@ class Gateway:
             try:
                 async for msg in ctl.run(it):
                     if msg.WhichOneof("kind") == "status" and msg.status.kind == pb.StatusEvent.KIND_END_OF_STREAM:
-                        # The stream is complete once END_OF_STREAM is out: a client that hangs up right after it
-                        # (closing the generator at this yield) ended it normally.
+                        # The stream is complete: account for it and free the session (stream lock, pipeline)
+                        # before the client sees END_OF_STREAM, so it can open the next stream right away. A client
+                        # that hangs up right after it (closing the generator at this yield) ended it normally.
                         completed = True
+                        self._streams.pop(lease.sid, None)
+                        await observer.finish(completed)
+                        await self._end_lease(lease)
                     yield msg
             finally:
-                self._streams.pop(lease.sid, None)
-                await observer.finish(completed)
+                if self._streams.pop(lease.sid, None) is not None:
+                    await observer.finish(completed)
         except ApiError as err:
             if lease.streaming and err.code == grpc.StatusCode.INTERNAL:
                 _, store, _ = self._clients()
@@ -363,7 +367,11 @@ class Gateway:
         return settings
 
     async def _end_lease(self, lease: "_StreamLease") -> None:
-        """Free what an opened stream holds: keepalive, pipeline, stream lock (the session's TTL restarts now)."""
+        """Free what an opened stream holds: keepalive, pipeline, stream lock (the session's TTL restarts now).
+        Idempotent."""
+        if lease.ended:
+            return
+        lease.ended = True
         _, store, _ = self._clients()
         if lease.keepalive is not None:
             lease.keepalive.cancel()
@@ -404,6 +412,7 @@ class _StreamLease:
     keepalive: Optional[asyncio.Task] = None
     pipe: Optional[PipelineSession] = None
     streaming: bool = False  # the controller runs: an INTERNAL error now marks the session FAILED
+    ended: bool = False  # `Gateway._end_lease` ran
 
 
 class _StreamObserver:
