@@ -40,7 +40,7 @@ def scale_app(serve_instance, redis_server):
                            "max_replicas": {"audio": 2, "denoise": 3, "vae": 1},
                            "headroom_fraction": 0.0, "headroom_sessions": 0, "hysteresis": 0.0,
                            "downscale_stable_s": 3.0, "metrics_interval_s": 0.5, "look_back_period_s": 2.0},
-           "timeouts": {"admission_wait_s": 120.0, "session_drain_s": 90.0, "heartbeat_s": 0.5}, "ops": {"enabled": False}}
+           "timeouts": {"admission_wait_s": 300.0, "session_drain_s": 300.0, "heartbeat_s": 0.5}, "ops": {"enabled": False}}
     deploy(cfg)
     yield {"grpc": serve_instance.grpc_address, "redis_url": redis_server.url}
     serve.delete(APP)
@@ -62,6 +62,10 @@ def _registered(redis_url: str) -> Dict[str, Dict[str, int]]:
             return {d: {r.replica_id: r.live_sessions for r in await reg.replicas(d)} for d in DEPS}
 
     return asyncio.run(go())
+
+
+# Hang guards only: on a busy machine replicas start and drain slowly, which is not a failure.
+HANG_S = 600.0
 
 
 def _wait(pred, timeout: float, what: str, poll: float = 0.25):
@@ -109,12 +113,13 @@ class Streamer(threading.Thread):
             self.error = exc
             self.started_streaming.set()
 
-    def finish(self, timeout: float = 120) -> None:
+    def finish(self, timeout: float = 300) -> None:
         self.stop_requested.set()
         self.join(timeout)
         assert not self.is_alive(), f"session {self.label} did not end"
 
 
+@pytest.mark.timeout(1800)  # hang guard; each wait inside has its own
 def test_sessions_one_to_three_to_one(scale_app):
     counts = _serve_counts()
     assert {d: c.get("RUNNING", 0) for d, c in counts.items()} == dict.fromkeys(DEPS, 1), counts
@@ -122,14 +127,14 @@ def test_sessions_one_to_three_to_one(scale_app):
     with AvatarClient(scale_app["grpc"], application=APP, timeout=300) as client:
         a = Streamer(client, "a")
         a.start()
-        assert a.started_streaming.wait(120) and a.error is None, a.error
+        assert a.started_streaming.wait(HANG_S) and a.error is None, a.error
         # Surge: two more sessions while every denoise slot is taken. CreateSession parks (the cluster can grow),
         # the policy counts the parked calls, Serve adds replicas, the calls complete.
         surge_at = time.monotonic()
         b, c = Streamer(client, "b"), Streamer(client, "c")
         b.start(), c.start()
         for s in (b, c):
-            assert s.started_streaming.wait(300) and s.error is None, s.error
+            assert s.started_streaming.wait(HANG_S) and s.error is None, s.error
         report["surge_to_admitted_s"] = max(b.created_at, c.created_at) - surge_at
         report["surge_to_streaming_s"] = time.monotonic() - surge_at
         reg = _registered(scale_app["redis_url"])
@@ -143,15 +148,17 @@ def test_sessions_one_to_three_to_one(scale_app):
         c_replica = next(iter(_denoise_replica_of(scale_app["redis_url"], c.session.session_id)))
         a.finish(), b.finish()
         down_at = time.monotonic()
-        _wait(lambda: c_replica not in _registered(scale_app["redis_url"])["DenoiseStage0"], 120,
+        _wait(lambda: c_replica not in _registered(scale_app["redis_url"])["DenoiseStage0"], HANG_S,
               "c's denoise replica to deregister (draining)")
         report["scale_down_decision_s"] = time.monotonic() - down_at
         assert _serve_counts()["DenoiseStage0"].get("STOPPING", 0) >= 1
         blocks_at_drain = len(c.blocks)
-        time.sleep(4.0)  # c keeps streaming from the draining replica
+        # c keeps streaming from the draining replica: four more blocks arrive (however slow the machine is).
+        _wait(lambda: len(c.blocks) >= blocks_at_drain + 4 or c.error is not None or not c.is_alive(), HANG_S,
+              "c to keep streaming from its draining replica")
         assert c.is_alive() and c.error is None and len(c.blocks) >= blocks_at_drain + 4, (len(c.blocks), c.error)
         c.finish()
-        _wait(lambda: all({k: v for k, v in n.items() if v} == {"RUNNING": 1} for n in _serve_counts().values()), 180,
+        _wait(lambda: all({k: v for k, v in n.items() if v} == {"RUNNING": 1} for n in _serve_counts().values()), HANG_S,
               "every deployment back to one running replica and none stopping")
         report["scale_down_total_s"] = time.monotonic() - down_at
 

@@ -455,3 +455,41 @@ async def test_background_host_serves_before_its_handler_is_loaded() -> None:
     finally:
         release.set()
         await asyncio.to_thread(bg.stop)
+
+
+async def test_a_session_reopens_while_a_hop_is_still_freeing_it() -> None:
+    """The caller may see end-of-stream before every hop has freed the session: a new pipe for the same session
+    waits for that instead of being refused as a duplicate."""
+    from avatarserve.serve.dataplane.stage_host import StageHost, StageHostConfig
+    from tests.support.synthetic import SyntheticStage
+
+    class SlowClose(SyntheticStage):
+        def __init__(self) -> None:
+            super().__init__(0.0, name="slow-close")
+            self.closing, self.gate = asyncio.Event(), asyncio.Event()
+
+        async def close_session(self, session_id: str) -> None:
+            self.closing.set()
+            await self.gate.wait()
+            await super().close_session(session_id)
+
+    slow = SlowClose()
+    hosts = [StageHost(SyntheticStage(0.0, name="first"), StageHostConfig(name="first")),
+             StageHost(slow, StageHostConfig(name="slow-close"))]
+    route = [await h.start() for h in hosts]
+    try:
+        async with PipelineClient() as client:
+            session = await client.open("s-again", route)
+            assert [it.block_index for it in await run_session(session, [block(0, latent(6))])] == [0]
+            await slow.closing.wait()  # the caller saw end-of-stream; the last hop is still freeing the session
+            reopen = asyncio.create_task(client.open("s-again", route))
+            done, _ = await asyncio.wait({reopen}, timeout=1.0)
+            assert not done, f"the reopen was answered before the hop freed the session: {reopen.result()!r}" \
+                if not reopen.exception() else f"refused: {reopen.exception()}"
+            slow.gate.set()
+            again = await reopen
+            assert [it.block_index for it in await run_session(again, [block(0, latent(6))])] == [0]
+    finally:
+        slow.gate.set()
+        for h in hosts:
+            await h.stop(grace_s=0.5)

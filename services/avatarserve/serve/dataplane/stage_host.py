@@ -128,6 +128,7 @@ class _HopSession:
         self.terminal_queued = False
         self.failed_here = False
         self.downstream_done = asyncio.Event()
+        self.closed = asyncio.Event()  # set once this hop freed the session's state (`StageHost._forget`)
         self.blocks_processed = 0
         self.tasks: dict[str, asyncio.Task[None]] = {}
 
@@ -540,6 +541,14 @@ class StageHost:
         if self.handler is None:
             await context.write(self._reject(sid, ErrorCode.UNAVAILABLE, f"{self.name} is still loading its model"))
             return
+        previous = self._sessions.get(sid)
+        if previous is not None and previous.terminal_queued:
+            # The session's previous stream has ended and is freeing its state here (its caller may already have
+            # seen end-of-stream and reopened): wait for that, bounded like any drain, instead of refusing.
+            try:
+                await asyncio.wait_for(previous.closed.wait(), self.config.drain_timeout_s)
+            except asyncio.TimeoutError:
+                pass
         if sid in self._sessions:
             await context.write(self._reject(sid, ErrorCode.ALREADY_EXISTS, f"session {sid!r} is already open on {self.name}"))
             return
@@ -555,6 +564,7 @@ class StageHost:
         if self._sessions.get(session.sid) is session:
             del self._sessions[session.sid]
             self.sessions_closed += 1
+        session.closed.set()
 
 
 class BackgroundStageHost:
