@@ -35,14 +35,15 @@ def test_idle_blocks_without_audio(cluster):
                     got.append(item)
                     if len(got) == 3:
                         s.end_of_input()
-            assert [b.is_idle for b in got] == [True, True, True]
-            assert [b.pts_ms for b in got] == [0, 480, 960]
+            # Blocks already due when END_OF_INPUT arrives are still delivered (more of them on a slow machine).
+            assert len(got) >= 3 and all(b.is_idle for b in got)
+            assert [b.pts_ms for b in got] == [480 * i for i in range(len(got))]
             kinds = [e.kind for e in s.events]
             assert kinds[0] == EventKind.STARTED and EventKind.IDLE in kinds
             assert kinds[-2:] == [EventKind.DRAINED, EventKind.END_OF_STREAM]
             # the session can be streamed again after END_OF_STREAM
             again = list(s.stream([_tone(0.5)], timeout=300))
-            assert len(again) == 2 and not again[0].is_idle
+            assert len(again) >= 2 and not again[0].is_idle  # the tone (plus idle blocks that fell due meanwhile)
 
 
 def test_interrupt_drops_queued_audio_and_goes_idle(cluster):
