@@ -139,9 +139,12 @@ def test_sessions_one_to_three_to_one(scale_app):
         report["surge_to_streaming_s"] = time.monotonic() - surge_at
         # The registry is refreshed by heartbeats: wait until it shows the grown cluster (late beats on a busy machine).
         want = {"AudioEncoder": 2, "DenoiseStage0": 3, "VaeDecoder": 1}
-        reg = _wait(lambda: (r := _registered(scale_app["redis_url"])) if {d: len(x) for d, x in r.items()} == want
-                    and sorted(r["DenoiseStage0"].values()) == [1, 1, 1] else None, HANG_S,
-                    "the registry to show every new replica with its session")
+        def grown() -> Optional[Dict[str, Dict[str, int]]]:
+            r = _registered(scale_app["redis_url"])
+            ok = {d: len(x) for d, x in r.items()} == want and sorted(r["DenoiseStage0"].values()) == [1, 1, 1]
+            return r if ok else None
+
+        reg = _wait(grown, HANG_S, "the registry to show every new replica with its session")
         counts = _serve_counts()
         assert {d: len(r) for d, r in reg.items()} == want, reg
         assert sorted(reg["DenoiseStage0"].values()) == [1, 1, 1]  # one session per denoise replica
