@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from avatarserve.serve.builder import build_app, serve_config
-from avatarserve.serve.config import AppConfig, ConfigError, TimeoutsConfig
+from avatarserve.serve.config import AppConfig, ConfigError, DataPlaneSection, TimeoutsConfig, resolve_redis_url
+from avatarserve.serve.control.autoscale import AutoscalePolicyError, PolicyParams
 from avatarserve.serve.ops.launcher import LauncherError, load_config
 
 BASE = {"redis_url": "redis://127.0.0.1:1/0", "model": {"config": "tiny"}}
@@ -67,7 +68,73 @@ def test_serve_config_round_trips_through_the_builder() -> None:
     cfg = {**BASE, "timeouts": {"session_drain_s": 42}, "autoscaling": {"enabled": True}}
     sc = serve_config(cfg)["applications"][0]
     assert AppConfig.parse(sc["args"]) == AppConfig.parse(cfg).model_copy(update={"name": "avatarserve"})
-    assert sc["autoscaling_policy"]["policy_kwargs"]["capacity"]["DenoiseStage0"] == 8
+    # The policy reads the application's own args: one source for capacity and autoscaling.
+    assert sc["autoscaling_policy"]["policy_kwargs"] == {"app": sc["args"]}
+    params = PolicyParams.from_dict(sc["autoscaling_policy"]["policy_kwargs"])
+    assert params.capacity["DenoiseStage0"] == 8 and set(params.capacity) == set(AppConfig.parse(cfg).stage_deployments)
+    with pytest.raises(AutoscalePolicyError, match=r"app\.capacity\.vae"):
+        PolicyParams.from_dict({"app": {"capacity": {"vae": 0}}})
+
+
+def test_data_plane_addresses() -> None:
+    """bind/advertise of a replica on a node with IP 10.1.2.3 (the pod IP on Kubernetes)."""
+    assert DataPlaneSection().addresses("10.1.2.3") == ("10.1.2.3", "10.1.2.3")  # default: the node IP
+    assert DataPlaneSection(bind_host="0.0.0.0").addresses("10.1.2.3") == ("0.0.0.0", "10.1.2.3")
+    assert DataPlaneSection(bind_host="127.0.0.1").addresses("10.1.2.3") == ("127.0.0.1", "127.0.0.1")
+    assert DataPlaneSection(bind_host="0.0.0.0", advertise_host="stage.example").addresses("10.1.2.3") == \
+        ("0.0.0.0", "stage.example")
+    assert DataPlaneSection(port_min=20000, port_max=20009).port_range == (20000, 20009)
+    with pytest.raises(ConfigError, match=r"app\.data_plane: port_min and port_max go together"):
+        AppConfig.parse({"data_plane": {"port_min": 20000}})
+    with pytest.raises(ConfigError, match=r"port_min \(20010\) must be <= port_max \(20000\)"):
+        AppConfig.parse({"data_plane": {"port_min": 20010, "port_max": 20000}})
+    with pytest.raises(ConfigError, match=r"app\.bind_host moved to app\.data_plane\.bind_host"):
+        AppConfig.parse({"bind_host": "0.0.0.0"})
+
+
+def test_per_role_device_dtype_and_placement() -> None:
+    app = AppConfig.parse({"model": {"device": "cuda", "dtype": "bfloat16",
+                                     "roles": {"audio": {"device": "cpu", "dtype": "float32"}}},
+                           "resources": {"audio": {"num_gpus": 0}, "denoise": {"num_gpus": 1, "accelerator_type": "H100",
+                                                                               "resources": {"tpp": 1}},
+                                         "vae": {"num_gpus": 1}}})
+    assert (app.model.for_role("audio").device, app.model.for_role("audio").dtype) == ("cpu", "float32")
+    assert (app.model.for_role("denoise").device, app.model.for_role("denoise").dtype) == ("cuda", "bfloat16")
+    assert app.resources.denoise.actor_options() == {"num_cpus": 0.1, "num_gpus": 1.0, "resources": {"tpp": 1.0},
+                                                     "accelerator_type": "H100"}
+    assert app.resources.audio.actor_options() == {"num_cpus": 0.1, "num_gpus": 0.0}
+    # A role that would load onto CUDA without reserving a GPU is refused, naming both keys.
+    with pytest.raises(ConfigError, match=r"model\.device is 'cuda' but resources\.audio\.num_gpus is 0"):
+        AppConfig.parse({"model": {"device": "cuda"}, "resources": {"denoise": {"num_gpus": 1}, "vae": {"num_gpus": 1}}})
+    with pytest.raises(ConfigError, match=r"model\.roles\.vae\.device is 'cuda:1' but resources\.vae\.num_gpus is 0"):
+        AppConfig.parse({"model": {"roles": {"vae": {"device": "cuda:1"}}}})
+    with pytest.raises(ConfigError, match=r"app\.resources\.denoise: resources: names must be"):
+        AppConfig.parse({"resources": {"denoise": {"resources": {"tpp": 0}}}})
+
+
+def test_role_device_and_placement_reach_the_stage_deployments() -> None:
+    app = build_app({**BASE, "model": {"config": "tiny", "device": "cpu", "roles": {"denoise": {"dtype": "bfloat16"}}},
+                     "resources": {"denoise": {"num_cpus": 0.5, "resources": {"gpu-node": 1}}}})
+    gateway = app._bound_deployment
+    stages = {a._bound_deployment.name: a._bound_deployment for a in gateway.init_args[1:] if hasattr(a, "_bound_deployment")}
+    d0 = stages["DenoiseStage0"]
+    assert d0.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 0.0, "resources": {"gpu-node": 1.0}}
+    assert d0.init_args[0]["handler_config"]["model"]["dtype"] == "bfloat16"
+    assert stages["VaeDecoder"].init_args[0]["handler_config"]["model"]["dtype"] == "float32"
+
+
+def test_redis_url_and_registry_namespace_from_the_environment(monkeypatch) -> None:
+    env = {"REDIS_URL": "redis://redis.svc:6379/0", "REDIS_PASSWORD": "p@ss/word"}
+    assert resolve_redis_url(None, env) == "redis://:p%40ss%2Fword@redis.svc:6379/0"
+    assert resolve_redis_url("redis://:inline@h:1/0", env) == "redis://:inline@h:1/0"  # the URL's own password wins
+    assert resolve_redis_url("redis://h:1/0", {}) == "redis://h:1/0"
+    with pytest.raises(ConfigError, match="neither is REDIS_URL"):
+        resolve_redis_url(None, {})
+    monkeypatch.setenv("RAY_CLUSTER_NAME", "avatarserve-blue")
+    assert AppConfig().registry_prefix == "avatarserve-blue:"
+    assert AppConfig(registry_namespace="").registry_prefix == ""  # explicit wins
+    monkeypatch.delenv("RAY_CLUSTER_NAME")
+    assert AppConfig().registry_prefix == ""
 
 
 def test_timeouts_reach_every_deployment() -> None:

@@ -493,3 +493,29 @@ async def test_a_session_reopens_while_a_hop_is_still_freeing_it() -> None:
         slow.gate.set()
         for h in hosts:
             await h.stop(grace_s=0.5)
+
+
+async def test_a_fixed_port_range_gives_each_host_its_own_port() -> None:
+    """Replicas sharing a node and a port range (NetworkPolicy clusters) each bind a different port; gRPC's default
+    SO_REUSEPORT would let two servers share one and split its connections. A full range is a clear error."""
+    from avatarserve.serve.dataplane.stage_host import StageHost, StageHostConfig
+    from avatarserve.serve.dataplane.transport import StageError
+    from tests.support.synthetic import SyntheticStage
+
+    lo = free_port()
+    hosts = []
+    try:
+        for i in range(2):
+            h = StageHost(SyntheticStage(0.0, name=f"r{i}"),
+                          StageHostConfig(name=f"r{i}", bind_host="127.0.0.1", port_range=(lo, lo + 1)))
+            hosts.append(h)
+            await h.start()
+        ports = sorted(int(h.address.rsplit(":", 1)[1]) for h in hosts)
+        assert ports == [lo, lo + 1]
+        third = StageHost(SyntheticStage(0.0, name="r2"),
+                          StageHostConfig(name="r2", bind_host="127.0.0.1", port_range=(lo, lo + 1)))
+        with pytest.raises(StageError, match=rf"cannot bind 127\.0\.0\.1 on any port in {lo}-{lo + 1}"):
+            await third.start()
+    finally:
+        for h in hosts:
+            await h.stop()

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
-from avatarserve.serve.config import AppConfig, TimeoutsConfig
+from avatarserve.serve.config import AppConfig, DataPlaneSection, TimeoutsConfig
 from avatarserve.serve.dataplane.stages import StageConfigError, StageSpec
 from avatarserve.serve.deployments.stage import StageReplica, shutdown_budget_s
 
@@ -22,8 +22,7 @@ class PipelineAppConfig:
     stages: Sequence[StageSpec]
     redis_url: str
     namespace: str = ""  # registry key prefix
-    bind_host: str = "127.0.0.1"  # data-plane bind address in each replica
-    advertise_host: Optional[str] = None  # default: bind_host, or the Ray node IP for 0.0.0.0
+    data_plane: DataPlaneSection = field(default_factory=DataPlaneSection)  # bind/advertise/ports of each replica
     name: str = "tpp"
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
 
@@ -40,8 +39,8 @@ class PipelineAppConfig:
 
     def app(self) -> AppConfig:
         """The application settings every stage replica of this pipeline is built with."""
-        return AppConfig(redis_url=self.redis_url, registry_namespace=self.namespace, bind_host=self.bind_host,
-                         advertise_host=self.advertise_host, timeouts=self.timeouts)
+        return AppConfig(redis_url=self.redis_url, registry_namespace=self.namespace, data_plane=self.data_plane,
+                         timeouts=self.timeouts)
 
 
 class PipelineDirectory:
@@ -68,7 +67,7 @@ def build_pipeline_app(config: PipelineAppConfig) -> Any:
         dep = serve.deployment(StageReplica).options(
             name=spec.deployment,
             num_replicas=spec.num_replicas,
-            ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
+            ray_actor_options=spec.actor_options(),
             # Long-lived sessions must drain before a replica goes away (see StageReplica.drain).
             graceful_shutdown_timeout_s=shutdown_budget_s(config.timeouts.session_drain_s),
         )

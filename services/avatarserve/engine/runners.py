@@ -231,7 +231,8 @@ class StageRunner:
             x = payload.latents
         x = x.to(model.device, model.dtype)
         try:
-            audio = model.encode_audio(payload.audio.to(model.device), self.stream.latent_frames_per_block)
+            # The audio encoder may run on another device / dtype (serve config `model.roles`).
+            audio = model.encode_audio(payload.audio.to(model.device, model.dtype), self.stream.latent_frames_per_block)
         except ModelInputError as exc:
             raise InvalidInput(str(exc)) from exc
         t = torch.full((1,), self.schedule.timestep(self.step_index), device=model.device)

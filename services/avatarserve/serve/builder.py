@@ -22,12 +22,14 @@ scale-down: size it to the longest session you promise).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from ray import serve
 from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, HTTPOptions, gRPCOptions
 
 from avatarserve.serve.config import AppConfig, ConfigError
+from avatarserve.serve.control.autoscale import PolicyParams
 from avatarserve.serve.dataplane.stages import StageSpec
 from avatarserve.serve.deployments.cache import SinkFrameCache
 from avatarserve.serve.deployments.gateway import GatewayDeployment
@@ -61,29 +63,26 @@ def http_options(port: int) -> HTTPOptions:
 
 def stage_specs(app: AppConfig) -> List[Tuple[str, StageSpec]]:
     """(role, spec) of every stage deployment, in route order."""
-    base = {"model": app.model.model_dump(), "redis_url": app.redis_url, "namespace": app.namespace,
-            "session_ttl_s": app.timeouts.session_ttl_s, "torch_threads": app.torch_threads}
+    base = {"redis_url": app.redis_url, "namespace": app.namespace, "session_ttl_s": app.timeouts.session_ttl_s,
+            "torch_threads": app.torch_threads}
     out = []
     for dep in app.stage_deployments:
         role = app.role_of(dep)
-        config: Dict[str, Any] = {**base, "name": dep}
+        config: Dict[str, Any] = {**base, "model": app.model.for_role(role).model_dump(), "name": dep}
         if role == "denoise":
             config.update(step=int(dep[len("DenoiseStage"):]), aas_wait_s=app.timeouts.for_deployment(dep).aas_wait_s)
         resources = getattr(app.resources, role)
         out.append((role, StageSpec(deployment=dep, handler=getattr(app.handlers, role) or f"{HANDLERS}:{FACTORIES[role]}",
                                     handler_config=config, num_replicas=getattr(app.replicas, role),
                                     num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
+                                    resources=dict(resources.resources), accelerator_type=resources.accelerator_type,
                                     capacity=getattr(app.capacity, role), queue_size=app.queue_size)))
     return out
 
 
 def policy_kwargs(app: AppConfig) -> Dict[str, Any]:
-    """`policy_kwargs` of the application-level autoscaling policy for this config (JSON-serializable)."""
-    a = app.autoscaling
-    return {"capacity": {s.deployment: s.capacity for _, s in stage_specs(app)}, "headroom_fraction": a.headroom_fraction,
-            "headroom_sessions": a.headroom_sessions, "hysteresis": a.hysteresis,
-            "downscale_stable_s": a.downscale_stable_s, "scale_to_zero": a.scale_to_zero,
-            "scale_to_zero_after_s": a.scale_to_zero_after_s, "gateway": "Gateway"}
+    """Explicit parameters of the session autoscaling policy for this config (JSON-serializable)."""
+    return dataclasses.asdict(PolicyParams.for_app(app))
 
 
 def _shutdown_budget(app: AppConfig, deployment: Optional[str] = None) -> float:
@@ -112,7 +111,7 @@ def build_app(cfg: Union[AppConfig, Mapping[str, Any]]):
     bound = {}
     for role, s in role_specs:
         options: Dict[str, Any] = dict(
-            name=s.deployment, ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
+            name=s.deployment, ray_actor_options=s.actor_options(),
             graceful_shutdown_timeout_s=_shutdown_budget(app, s.deployment), health_check_period_s=5)
         if auto.enabled:
             options.update(num_replicas="auto", autoscaling_config=scaling(
@@ -122,10 +121,10 @@ def build_app(cfg: Union[AppConfig, Mapping[str, Any]]):
         cls = VaeDecoderReplica if s.deployment == "VaeDecoder" else StageReplica
         bound[s.deployment] = serve.deployment(cls).options(**options).bind(s.to_dict(), app)
     cache = serve.deployment(SinkFrameCache).options(
-        name="SinkFrameCache", num_replicas=1, ray_actor_options=app.resources.cache.model_dump()).bind(app)
+        name="SinkFrameCache", num_replicas=1, ray_actor_options=app.resources.cache.actor_options()).bind(app)
     n_gw = app.replicas.gateway
     gw_options: Dict[str, Any] = dict(
-        name="Gateway", ray_actor_options=app.resources.gateway.model_dump(), max_ongoing_requests=app.gateway_max_ongoing,
+        name="Gateway", ray_actor_options=app.resources.gateway.actor_options(), max_ongoing_requests=app.gateway_max_ongoing,
         # A gateway replica carries whole streams: let them end before it goes away.
         graceful_shutdown_timeout_s=_shutdown_budget(app))
     if auto.enabled:
@@ -139,7 +138,7 @@ def build_app(cfg: Union[AppConfig, Mapping[str, Any]]):
     ops = None
     if app.ops.enabled:
         ops = serve.deployment(OpsDashboard).options(
-            name="OpsDashboard", num_replicas=1, ray_actor_options={"num_cpus": app.ops.num_cpus}
+            name="OpsDashboard", num_replicas=1, ray_actor_options=app.resources.ops.actor_options()
         ).bind(app.ops, float(app.stream.fps))
     return gateway.bind(app, bound["VaeDecoder"], cache, *others, ops=ops)
 
@@ -151,7 +150,8 @@ def serve_config(cfg: Union[AppConfig, Mapping[str, Any]]) -> Dict[str, Any]:
     args = app.model_dump(mode="json", exclude={"name", "route_prefix"})
     out: Dict[str, Any] = {"name": app.name, "route_prefix": app.route_prefix, "import_path": APP_BUILDER, "args": args}
     if app.autoscaling.enabled:
-        out["autoscaling_policy"] = {"policy_function": POLICY_PATH, "policy_kwargs": policy_kwargs(app)}
+        # The policy reads the application's own args (control/autoscale.py PolicyParams.for_app).
+        out["autoscaling_policy"] = {"policy_function": POLICY_PATH, "policy_kwargs": {"app": args}}
     return {"applications": [out]}
 
 
@@ -165,6 +165,6 @@ def deploy(cfg: Union[AppConfig, Mapping[str, Any]], *, timeout_s: Optional[floa
     app = AppConfig.parse(cfg)
     config = serve_config(app)
     deploy_apps(ServeDeploySchema.model_validate(config))
-    wait_running([a["name"] for a in config["applications"]], app.require_redis(), app.registry_namespace,
+    wait_running([a["name"] for a in config["applications"]], app.require_redis(), app.registry_prefix,
                  timeout_s=timeout_s, on_progress=on_progress)
     return config

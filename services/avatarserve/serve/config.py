@@ -23,11 +23,14 @@ Unknown keys and wrong types fail when the application is built, naming the key'
 
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, List, Literal, Mapping, Optional
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-__all__ = ["AppConfig", "ConfigError", "ROLES", "ReplicaTimeouts", "TimeoutsConfig", "format_validation_error"]
+__all__ = ["AppConfig", "ConfigError", "DataPlaneSection", "NODE_IP", "ROLES", "ReplicaTimeouts", "TimeoutsConfig",
+           "format_validation_error", "resolve_redis_url"]
 
 
 class ConfigError(ValueError):
@@ -176,6 +179,11 @@ MOVED_KEYS = {
     "registry_ttl_s": "registry_ttl_s",
     "session_ttl_s": "session_ttl_s",
 }
+# App keys that moved into another section of `app:` (old key -> new path under `app.`).
+MOVED_SECTION_KEYS = {
+    "bind_host": "data_plane.bind_host",
+    "advertise_host": "data_plane.advertise_host",
+}
 
 
 # --------------------------------------------------------------------------------------------- the application
@@ -185,16 +193,35 @@ ROLES = ("audio", "denoise", "vae")
 _HANDLER_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 
 
+DType = Literal["float32", "float16", "bfloat16"]
+
+
+class RoleModel(_Strict):
+    """Where one role's weights live, when it differs from `model.device` / `model.dtype`."""
+
+    device: Optional[str] = Field(None, description="torch device of this role (default: model.device).")
+    dtype: Optional[DType] = Field(None, description="Weights and activations dtype of this role "
+                                                     "(default: model.dtype).")
+
+
+class RoleModels(_Strict):
+    audio: RoleModel = Field(default_factory=RoleModel)
+    denoise: RoleModel = Field(default_factory=RoleModel)
+    vae: RoleModel = Field(default_factory=RoleModel)
+
+
 class ModelSection(_Strict):
-    """Which model every stage replica loads."""
+    """Which model every stage replica loads, and on which device."""
 
     config: str = Field("toy", description="Preset name (model/config.py): `toy` (the embedded default), `tiny` "
                                            "(random weights, tests), `liveavatar-14b` (the real model).")
     checkpoint: Optional[str] = Field(None, description="Local checkpoint folder in the official layout; unset: the "
                                                         "preset's shipped weights (random for tiny).")
     seed: int = Field(0, description="Seed of randomly initialised weights (tiny).")
-    device: str = Field("cpu", description="torch device of every stage (cpu, cuda, cuda:1, ...).")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weights and activations dtype.")
+    device: str = Field("cpu", description="torch device of every role without its own (cpu, cuda, cuda:1, ...).")
+    dtype: DType = Field("float32", description="Weights and activations dtype of every role without its own.")
+    roles: RoleModels = Field(default_factory=RoleModels,
+                              description="Per-role device / dtype (e.g. the audio encoder on cpu in float32).")
     stream_overrides: Dict[str, Any] = Field(default_factory=dict,
                                              description="StreamConfig fields replaced on the preset's (e.g. num_steps).")
 
@@ -209,20 +236,65 @@ class ModelSection(_Strict):
 
         return stream_config(self.config, self.stream_overrides)
 
+    def for_role(self, role: str) -> "ModelSection":
+        """This section as one role loads it: its own device and dtype, no per-role table."""
+        own: RoleModel = getattr(self.roles, role)
+        return self.model_copy(update={"device": own.device or self.device, "dtype": own.dtype or self.dtype,
+                                       "roles": RoleModels()})
+
 
 class ActorResources(_Strict):
+    """Ray actor options of one role's replicas: what each reserves and where it may be placed."""
+
     num_cpus: float = Field(0.1, ge=0, description="Logical CPUs a replica reserves (fractions allowed).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs a replica reserves (fractions share one GPU).")
+    resources: Dict[str, float] = Field(
+        default_factory=dict, description="Ray custom resources a replica needs (pins the role to the nodes, or "
+                                          "Kubernetes worker groups, that offer them through `ray start --resources`).")
+    accelerator_type: Optional[str] = Field(None, description="Ray accelerator type (e.g. H100): only nodes with it.")
+
+    @model_validator(mode="after")
+    def _positive_resources(self) -> "ActorResources":
+        bad = {k: v for k, v in self.resources.items() if not k or v <= 0}
+        if bad:
+            raise ValueError(f"resources: names must be non-empty and amounts > 0, got {bad}")
+        return self
+
+    def actor_options(self) -> Dict[str, Any]:
+        """`ray_actor_options` of a replica of this role."""
+        out: Dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.resources:
+            out["resources"] = dict(self.resources)
+        if self.accelerator_type:
+            out["accelerator_type"] = self.accelerator_type
+        return out
+
+
+# Roles whose replicas default to less than ActorResources' defaults (light actors: no model).
+_LIGHT_ROLE_DEFAULTS: Dict[str, Dict[str, float]] = {"cache": {"num_cpus": 0.05}, "ops": {"num_cpus": 0.05}}
 
 
 class Resources(_Strict):
-    """Ray actor resources per role."""
+    """Ray actor options per role. A role given in part (e.g. only `resources:` to pin it) keeps that role's own
+    defaults for the rest."""
 
     gateway: ActorResources = Field(default_factory=ActorResources)
     audio: ActorResources = Field(default_factory=ActorResources)
     denoise: ActorResources = Field(default_factory=ActorResources)
     vae: ActorResources = Field(default_factory=ActorResources)
-    cache: ActorResources = Field(default_factory=lambda: ActorResources(num_cpus=0.05))
+    cache: ActorResources = Field(default_factory=lambda: ActorResources(**_LIGHT_ROLE_DEFAULTS["cache"]))
+    ops: ActorResources = Field(default_factory=lambda: ActorResources(**_LIGHT_ROLE_DEFAULTS["ops"]))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _role_defaults_under_partial_values(cls, raw: Any) -> Any:
+        if not isinstance(raw, Mapping):
+            return raw
+        out = dict(raw)
+        for role, defaults in _LIGHT_ROLE_DEFAULTS.items():
+            if isinstance(out.get(role), Mapping):
+                out[role] = {**defaults, **out[role]}
+        return out
 
 
 class Replicas(_Strict):
@@ -297,7 +369,63 @@ class OpsSection(_Strict):
     refresh_ms: Optional[int] = Field(None, ge=100, description="Page refresh; default the sample interval.")
     metrics_urls: List[str] = Field(default_factory=list, description="Prometheus exposition URLs to scrape; "
                                                                       "default: every Ray node's metrics agent.")
-    num_cpus: float = Field(0.05, ge=0)
+
+
+NODE_IP = "node-ip"
+_WILDCARDS = ("0.0.0.0", "::", "[::]")
+
+
+class DataPlaneSection(_Strict):
+    """Where stage replicas serve their data-plane gRPC (the hops between stages) and what they register."""
+
+    bind_host: str = Field(
+        NODE_IP, min_length=1,
+        description="Address a stage replica binds. `node-ip`: the IP of the Ray node it runs on (the pod IP on "
+                    "Kubernetes, 127.0.0.1 on a local cluster); `0.0.0.0` / `::`: every interface; or a literal "
+                    "address.")
+    advertise_host: Optional[str] = Field(
+        None, min_length=1,
+        description="Address registered for the other hops. Default: the bound address, or the Ray node's IP for a "
+                    "wildcard bind.")
+    port_min: Optional[int] = Field(None, ge=1, le=65535, description="First port of a fixed data-plane port "
+                                                                       "range (clusters with NetworkPolicies).")
+    port_max: Optional[int] = Field(None, ge=1, le=65535, description="Last port of that range (inclusive). Unset "
+                                                                       "(both): an ephemeral port.")
+
+    @model_validator(mode="after")
+    def _range(self) -> "DataPlaneSection":
+        if (self.port_min is None) != (self.port_max is None):
+            raise ValueError("port_min and port_max go together (both set, or neither)")
+        if self.port_min is not None and self.port_min > self.port_max:
+            raise ValueError(f"port_min ({self.port_min}) must be <= port_max ({self.port_max})")
+        return self
+
+    @property
+    def port_range(self) -> Optional[tuple]:
+        return None if self.port_min is None else (self.port_min, self.port_max)
+
+    def addresses(self, node_ip: str) -> tuple:
+        """(bind host, advertised host) of a replica on the Ray node with IP `node_ip`."""
+        bind = node_ip if self.bind_host == NODE_IP else self.bind_host
+        if self.advertise_host:
+            return bind, self.advertise_host
+        return bind, (node_ip if bind in _WILDCARDS else bind)
+
+
+def resolve_redis_url(url: Optional[str], env: Optional[Mapping[str, str]] = None) -> str:
+    """The Redis URL a process connects to: `url`, else the REDIS_URL environment variable; a password from
+    REDIS_PASSWORD (e.g. a Kubernetes Secret) goes into a URL that has none, so it never sits in the Serve config."""
+    env = os.environ if env is None else env
+    url = url or env.get("REDIS_URL")
+    if not url:
+        raise ConfigError("app.redis_url is not set and neither is REDIS_URL (`avatarserve up` sets it)")
+    password = env.get("REDIS_PASSWORD")
+    if password:
+        parts = urlsplit(url)
+        if parts.password is None:
+            user = quote(parts.username, safe="") if parts.username else ""
+            url = urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{parts.netloc}"))
+    return url
 
 
 class Handlers(_Strict):
@@ -313,13 +441,15 @@ class AppConfig(_Strict):
 
     name: str = Field("avatarserve", description="Serve application name (gRPC clients send it as metadata).")
     route_prefix: str = Field("/avatarserve", description="Route prefix; gRPC needs one, the ops page lives under it.")
-    redis_url: Optional[str] = Field(None, description="Redis of the sink-frame cache and the replica registry; "
-                                                       "`avatarserve up` fills it in.")
+    redis_url: Optional[str] = Field(None, description="Redis of the session store and the replica registry. "
+                                                       "Unset: REDIS_URL in each process's environment (`avatarserve "
+                                                       "up` fills it in); a password comes from REDIS_PASSWORD.")
     namespace: str = Field("avatarserve:", description="Key prefix of the session store.")
-    bind_host: str = Field("127.0.0.1", description="Address stage replicas bind their data-plane gRPC server to.")
-    advertise_host: Optional[str] = Field(None, description="Address stage replicas register for other hops; "
-                                                            "default: bind_host, or the node's IP for a wildcard bind.")
-    registry_namespace: str = Field("", description="Key prefix of the replica registry and startup records.")
+    registry_namespace: Optional[str] = Field(
+        None, description="Key prefix of the replica registry and startup records. Unset: `<RAY_CLUSTER_NAME>:` "
+                          "when that variable is set (KubeRay sets it in every Ray container), so two clusters "
+                          "sharing one Redis never route sessions into each other; else empty.")
+    data_plane: DataPlaneSection = Field(default_factory=DataPlaneSection)
     model: ModelSection = Field(default_factory=ModelSection)
     torch_threads: int = Field(1, ge=1, description="torch threads per stage replica.")
     resources: Resources = Field(default_factory=Resources)
@@ -344,6 +474,13 @@ class AppConfig(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> "AppConfig":
         self.timeouts.check_deployments(self.stage_deployments)
+        for role in ROLES:
+            device = self.model.for_role(role).device
+            if device.startswith("cuda") and getattr(self.resources, role).num_gpus <= 0:
+                where = f"model.roles.{role}.device" if getattr(self.model.roles, role).device else "model.device"
+                raise ValueError(f"{where} is {device!r} but resources.{role}.num_gpus is 0: a replica of this role "
+                                 f"would load onto a GPU Ray did not reserve for it (set resources.{role}.num_gpus, "
+                                 f"or model.roles.{role}.device: cpu)")
         for role in ROLES:
             lo, hi = self.autoscaling.min_of(role, self.replicas), self.autoscaling.max_of(role, self.replicas)
             if lo < 0 or hi < 1 or lo > hi:
@@ -370,9 +507,16 @@ class AppConfig(_Strict):
         return self.max_in_flight or len(self.stage_deployments) + 2
 
     def require_redis(self) -> str:
-        if not self.redis_url:
-            raise ConfigError("app.redis_url is not set (`avatarserve up` sets it; or set REDIS_URL)")
-        return self.redis_url
+        """The Redis URL this process connects to (resolve_redis_url: the key, else REDIS_URL / REDIS_PASSWORD)."""
+        return resolve_redis_url(self.redis_url)
+
+    @property
+    def registry_prefix(self) -> str:
+        """The replica registry's key prefix in this process (see `registry_namespace`)."""
+        if self.registry_namespace is not None:
+            return self.registry_namespace
+        cluster = os.environ.get("RAY_CLUSTER_NAME", "")
+        return f"{cluster}:" if cluster else ""
 
     @classmethod
     def parse(cls, raw: Any, path: str = "app") -> "AppConfig":
@@ -380,7 +524,9 @@ class AppConfig(_Strict):
         if isinstance(raw, AppConfig):
             return raw
         if isinstance(raw, Mapping):
-            moved = sorted(k for k in MOVED_KEYS if k in raw)
+            moved = [f"{path}.{k} moved to {path}.timeouts.{MOVED_KEYS[k]}" for k in sorted(MOVED_KEYS) if k in raw]
+            moved += [f"{path}.{k} moved to {path}.{MOVED_SECTION_KEYS[k]}" for k in sorted(MOVED_SECTION_KEYS)
+                      if k in raw]
             if moved:
-                raise ConfigError("; ".join(f"{path}.{k} moved to {path}.timeouts.{MOVED_KEYS[k]}" for k in moved))
+                raise ConfigError("; ".join(moved))
         return cls._validate(raw, path)

@@ -76,7 +76,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         st = self._loop_state.get(id(loop))
         if st is None:
-            st = (ReplicaRegistry.from_url(self.redis_url, namespace=self.app.registry_namespace,
+            st = (ReplicaRegistry.from_url(self.redis_url, namespace=self.app.registry_prefix,
                                            reservation_ttl_s=self.timeouts.reservation_ttl_s),
                   SessionStore.from_url(self.redis_url, namespace=self.app.namespace, ttl_s=self.session_ttl_s),
                   PipelineClient(TransportOptions(queue_size=self.app.queue_size,

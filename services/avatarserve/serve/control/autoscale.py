@@ -83,7 +83,29 @@ class PolicyParams:
             raise AutoscalePolicyError(f"the gateway deployment {self.gateway!r} cannot also be a sized stage")
 
     @classmethod
+    def for_app(cls, app: Any) -> "PolicyParams":
+        """The parameters of an application config (`AppConfig` or its mapping): capacity per stage deployment
+        from `capacity` (per role), the rest from `autoscaling`."""
+        from avatarserve.serve.config import AppConfig
+
+        app = AppConfig.parse(app)
+        a = app.autoscaling
+        return cls(capacity={dep: getattr(app.capacity, app.role_of(dep)) for dep in app.stage_deployments},
+                   headroom_fraction=a.headroom_fraction, headroom_sessions=a.headroom_sessions,
+                   hysteresis=a.hysteresis, downscale_stable_s=a.downscale_stable_s, scale_to_zero=a.scale_to_zero,
+                   scale_to_zero_after_s=a.scale_to_zero_after_s, gateway="Gateway")
+
+    @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "PolicyParams":
+        """Explicit parameters, or `{"app": <application args>}` (what serve_config and the Helm chart emit: the
+        policy reads the same config as the application, so nothing is derived twice)."""
+        if "app" in d:
+            if len(d) != 1:
+                raise AutoscalePolicyError(f"'app' excludes other policy parameters, got {sorted(d)}")
+            try:
+                return cls.for_app(d["app"])
+            except ValueError as exc:  # ConfigError
+                raise AutoscalePolicyError(f"autoscaling policy: {exc}") from exc
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:

@@ -29,7 +29,7 @@ from avatarserve.engine.bundle import ModelBundle, build_bundle
 from avatarserve.engine.errors import BlockOrderError, EngineError, InvalidInput, SessionExists, SessionNotFound
 from avatarserve.model.text_encoder import PromptError
 from avatarserve.engine.runners import AudioEncoderRunner, BlockPayload, DecoderRunner, StageRunner, adaptive_sink_latent
-from avatarserve.serve.config import ModelSection, format_validation_error
+from avatarserve.serve.config import ModelSection, format_validation_error, resolve_redis_url
 from avatarserve.serve.dataplane.media import encode_h264_block, encode_jpeg_frames
 from avatarserve.serve.control.session_store import SessionStore, StoreError, sink_to_bytes
 from avatarserve.serve.dataplane.transport import BlockItem, ControlBoard, ControlItem, ErrorCode, StageError
@@ -74,7 +74,7 @@ class EngineHandlerConfig(BaseModel):
 
     name: str
     model: ModelSection
-    redis_url: str
+    redis_url: Optional[str]  # None: REDIS_URL / REDIS_PASSWORD of this process (serve/config.py resolve_redis_url)
     namespace: str
     session_ttl_s: float = Field(gt=0)
     torch_threads: int = Field(ge=1)
@@ -115,7 +115,7 @@ class _EngineHandler:
     def store(self) -> SessionStore:
         # Created lazily on the data-plane loop (redis.asyncio clients bind to the loop that uses them).
         if self._store is None:
-            self._store = SessionStore.from_url(self.config.redis_url, namespace=self.config.namespace,
+            self._store = SessionStore.from_url(resolve_redis_url(self.config.redis_url), namespace=self.config.namespace,
                                                 ttl_s=self.config.session_ttl_s)
         return self._store
 

@@ -29,7 +29,7 @@ import logging
 import socket
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Coroutine, Optional, TypeVar, Union
+from typing import Any, Callable, Coroutine, Optional, Tuple, TypeVar, Union
 
 import grpc
 import grpc.aio
@@ -73,8 +73,9 @@ def format_address(host: str, port: int) -> str:
 class StageHostConfig:
     name: str = "stage"  # hop name in stamps, errors and traces (e.g. "DenoiseStage1#abc123")
     bind_host: str = "127.0.0.1"
-    port: int = 0  # 0: ephemeral
+    port: int = 0  # 0: ephemeral (unless port_range is set)
     advertise_host: Optional[str] = None  # default: bind_host, or this host's IP for a wildcard bind
+    port_range: Optional[Tuple[int, int]] = None  # bind the first free port in [lo, hi] (NetworkPolicy clusters)
     max_sessions: int = 64
     drain_timeout_s: float = 30.0  # how long a failed hop waits for blocks it passed on to finish
     transport: TransportOptions = field(default_factory=TransportOptions)
@@ -84,6 +85,10 @@ class StageHostConfig:
             raise StageError("StageHostConfig.name must be non-empty")
         if not 0 <= self.port < 65536:
             raise StageError(f"port {self.port} out of range")
+        if self.port_range is not None:
+            lo, hi = self.port_range
+            if self.port or not 0 < lo <= hi < 65536:
+                raise StageError(f"port_range {self.port_range} needs 0 < lo <= hi < 65536 and port 0")
         if self.max_sessions < 1:
             raise StageError(f"max_sessions must be >= 1, got {self.max_sessions}")
         if self.drain_timeout_s <= 0:
@@ -479,14 +484,28 @@ class StageHost:
             },
         )
         server.add_generic_rpc_handlers((handler,))
-        port = server.add_insecure_port(format_address(self.config.bind_host, self.config.port))
-        if port == 0:
-            raise StageError(f"cannot bind {format_address(self.config.bind_host, self.config.port)}")
+        port = self._bind(server)
         await server.start()
         self._server = server
         self._address = format_address(self._advertised_host(), port)
         log.info("stage host %s serving on %s", self.name, self._address)
         return self._address
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        """Bind the configured port, or the first free one of `port_range` (several replicas share a node)."""
+        host = self.config.bind_host
+        candidates = range(self.config.port_range[0], self.config.port_range[1] + 1) if self.config.port_range \
+            else (self.config.port,)
+        for candidate in candidates:
+            try:
+                port = server.add_insecure_port(format_address(host, candidate))
+            except RuntimeError:  # grpc raises for an address in use (older versions return 0)
+                port = 0
+            if port:
+                return port
+        where = format_address(host, self.config.port) if not self.config.port_range else \
+            f"{host} on any port in {self.config.port_range[0]}-{self.config.port_range[1]}"
+        raise StageError(f"cannot bind {where}")
 
     def _advertised_host(self) -> str:
         if self.config.advertise_host:

@@ -31,6 +31,8 @@ class StageSpec:
     num_replicas: int = 1
     num_cpus: float = 0.05
     num_gpus: float = 0.0
+    resources: Mapping[str, float] = field(default_factory=dict)  # Ray custom resources (placement)
+    accelerator_type: Optional[str] = None
     capacity: int = 16  # sessions per replica
     queue_size: int = 2
 
@@ -44,9 +46,19 @@ class StageSpec:
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise StageConfigError(f"{self.deployment}: num_cpus/num_gpus must be >= 0")
 
+    def actor_options(self) -> dict[str, Any]:
+        """`ray_actor_options` of one replica of this stage."""
+        out: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.resources:
+            out["resources"] = dict(self.resources)
+        if self.accelerator_type:
+            out["accelerator_type"] = self.accelerator_type
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["handler_config"] = dict(self.handler_config)
+        d["resources"] = dict(self.resources)
         return d
 
     @classmethod

@@ -482,6 +482,9 @@ class TransportOptions:
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.http2.min_recv_ping_interval_without_data_ms", int(self.keepalive_s * 1000 // 2)),
             ("grpc.keepalive_permit_without_calls", 1),
+            # gRPC sets SO_REUSEPORT by default: two replicas would then both "bind" one port of a fixed range and
+            # share its connections. Each data-plane server owns its port.
+            ("grpc.so_reuseport", 0),
             *self._window_options(),
         ]
 

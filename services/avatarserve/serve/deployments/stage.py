@@ -66,21 +66,18 @@ class StageReplica:
         self.metrics = StageMetrics(self.spec.capacity)
         # Startup is observable (phases in Redis, shown by `avatarserve up`) and has no overall time limit: the
         # data-plane server must come up within stage_start_s, the model load takes what it takes.
-        self._startup = StartupReporter(self.app.require_redis(), namespace=self.app.registry_namespace,
+        self._startup = StartupReporter(self.app.require_redis(), namespace=self.app.registry_prefix,
                                         deployment=self.spec.deployment, replica_id=self.replica_id,
                                         log_file=replica_log_file())
         self._startup.report("starting")
-        bind_host = self.app.bind_host
-        advertise = self.app.advertise_host
-        if not advertise and bind_host in ("0.0.0.0", "::", ""):
-            import ray
-
-            advertise = ray.util.get_node_ip_address()
+        # The node's IP as Ray sees it (--node-ip-address; the pod IP on Kubernetes): reachable from other nodes.
+        bind_host, advertise = self.app.data_plane.addresses(_node_ip())
         host_config = StageHostConfig(
             name=self.name,
             bind_host=bind_host,
             port=0,
             advertise_host=advertise,
+            port_range=self.app.data_plane.port_range,
             max_sessions=self.spec.capacity,
             drain_timeout_s=self.timeouts.hop_drain_s,
             transport=TransportOptions(queue_size=self.spec.queue_size, open_timeout_s=self.timeouts.pipe_open_s),
@@ -124,7 +121,7 @@ class StageReplica:
     async def _start_registry(self) -> None:
         # Runs on the data-plane loop: the redis client, the heartbeat and the metrics task live there.
         t = self.timeouts
-        self._registry = ReplicaRegistry.from_url(self.app.require_redis(), namespace=self.app.registry_namespace,
+        self._registry = ReplicaRegistry.from_url(self.app.require_redis(), namespace=self.app.registry_prefix,
                                                   ttl_s=t.registry_ttl_s, reservation_ttl_s=self.app.timeouts.reservation_ttl_s)
         self._heartbeat = ReplicaHeartbeat(self._registry, self._info, interval_s=t.heartbeat_s)
         await self._heartbeat.start()
@@ -206,6 +203,12 @@ class StageReplica:
         except Exception as exc:  # noqa: BLE001 - shutting down anyway
             log.warning("%s: drain failed: %s", getattr(self, "name", "?"), exc)
         bg.stop()
+
+
+def _node_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()  # in a worker: its raylet's --node-ip-address
 
 
 def _describe_model(handler_config: Mapping[str, Any]) -> str:
