@@ -56,3 +56,12 @@ def test_incomplete_folder_lists_every_missing_part(tmp_path):
     msg = str(err.value)
     for part in ("vae", "audio", "text", "transformer"):
         assert f"missing {part}" in msg
+
+
+def test_a_loaded_text_encoder_truncates_prompts_to_the_dit_text_len():
+    """A checkpoint's text encoder tokenizes to the DiT's text_len (upstream's tokenizer length), so a long prompt
+    fits the transformer's text slots instead of failing when a session opens. The toy model ships text_len 16."""
+    bundle = build_bundle("toy", components=("vae", "text"))
+    emb = bundle.encode_prompt("a person talking in front of a plain wall, calm and friendly")
+    assert emb.shape[1] == bundle.model_config.text_len == 16
+    assert bundle.encode_prompt("hi").shape[1] < 16  # short prompts are not padded here (the DiT pads them)

@@ -69,6 +69,10 @@ def build_bundle(
         transformer, vae, audio, text = load_bundle_components(preset, checkpoint, device=device, dtype=dtype,
                                                                components=components)
         model_config = transformer.config if transformer is not None else read_model_config(checkpoint)
+        if text is not None:
+            # Like upstream, prompts are tokenized to at most the DiT's text_len tokens (EOS included), so any
+            # prompt fits the text slots of the transformer that reads its embeddings.
+            text.max_length = min(text.max_length, model_config.text_len)
     else:
         if preset.name == "liveavatar-14b":
             raise ValueError("liveavatar-14b needs --checkpoint DIR (a local Wan2.2-S2V-14B folder)")
