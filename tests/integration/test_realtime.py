@@ -258,3 +258,26 @@ def test_idle_timeout_with_blocks_in_flight_does_not_freeze_the_gateway(cluster)
         "a_end_after_idle_deadline_s": round(end_a - deadline_a, 3),
         "get_session_calls": len(polls),
         "get_session_calls_past_a_deadline": sum(deadline_a < t < end_a for t, _ in polls)}))
+
+
+def test_block_audio_and_utterance_events_through_the_cluster(cluster):
+    """The adapters' API on the real gateway: return_audio gives every block its own span of the input (silence
+    filled where none came), and END_OF_UTTERANCE splits the input into utterances reported as they play out."""
+    from avatarserve_client import END_OF_UTTERANCE
+
+    speech = _tone(1.2)  # utterance 0: 1200 ms; utterance 1: 480 ms
+    more = _tone(0.48)
+    source = [*chunk_pcm(speech, chunk_ms=240), END_OF_UTTERANCE,
+              *chunk_pcm(more, chunk_ms=240, start_seq=5, start_sample=len(speech))]
+    with AvatarClient(cluster, application=APP, timeout=120) as client:
+        with client.session(png(4), seed=3, idle_mode="wait_for_audio", return_audio=True) as s:
+            items = list(s.stream(source, include_events=True, timeout=300))
+    blocks = [i for i in items if isinstance(i, VideoBlock)]
+    audio = np.concatenate([b.audio for b in blocks])
+    expected = np.concatenate([speech, more])
+    assert len(blocks) == 4 and all(len(b.audio) == 7680 for b in blocks)
+    assert np.array_equal(audio[:len(expected)], expected) and not audio[len(expected):].any()
+    events = [(i.kind, i.utterance.index, i.utterance.played_ms) for i in items
+              if not isinstance(i, VideoBlock) and i.utterance is not None]
+    assert events == [(EventKind.UTTERANCE_STARTED, 0, 480), (EventKind.UTTERANCE_STARTED, 1, 240),
+                      (EventKind.UTTERANCE_ENDED, 0, 1200), (EventKind.UTTERANCE_ENDED, 1, 480)]

@@ -305,3 +305,160 @@ async def test_back_pressure_stalls_reading_and_releases(chain) -> None:
     assert ctl.counters.audio_chunks_received == n and ctl.counters.audio_samples_late == 0
     end = statuses(msgs)[-1]
     assert (end.kind, end.message) == (pb.StatusEvent.KIND_END_OF_STREAM, "end_of_input")
+
+
+END_OF_UTTERANCE = pb.ClientMessage(control=pb.Control(kind=pb.Control.KIND_END_OF_UTTERANCE))
+INTERRUPT = pb.ClientMessage(control=pb.Control(kind=pb.Control.KIND_INTERRUPT))
+
+
+def timeline(msgs: list[pb.ServerMessage]) -> list[tuple]:
+    """Video chunks and utterance events in delivery order: ("video", block) / ("started"|"ended", index)."""
+    out = []
+    for m in msgs:
+        if m.WhichOneof("kind") == "video":
+            out.append(("video", m.video.block_index))
+        elif m.status.kind == pb.StatusEvent.KIND_UTTERANCE_STARTED:
+            out.append(("started", m.status.utterance.index))
+        elif m.status.kind == pb.StatusEvent.KIND_UTTERANCE_ENDED:
+            out.append(("ended", m.status.utterance.index))
+    return out
+
+
+def utterance_events(msgs: list[pb.ServerMessage], kind: int) -> list[pb.UtteranceProgress]:
+    return [s.utterance for s in statuses(msgs) if s.kind == kind]
+
+
+async def test_block_audio_is_returned_and_utterances_are_reported_in_delivery_order(chain) -> None:
+    """return_audio: each chunk carries exactly its span of the client's audio (zeros where none came). Two
+    utterances, 1200 ms and 720 ms, sent back to back: each is STARTED right before the chunk holding its first audio
+    and ENDED right after the chunk holding its last, with its duration and played time."""
+    route, _ = chain
+    async with LoopWatchdog() as watchdog, PipelineClient() as client:
+        pipe = await client.open("sess-utt", route)
+        t = np.arange(4 * SPB) / SR
+        pcm = (0.4 * np.sin(2 * np.pi * 200 * t) * 32767).astype("<i2")
+        half = SPB // 2  # 240 ms chunks: 5 for the first utterance (1200 ms), 3 for the second (720 ms)
+        chunk = [pb.ClientMessage(audio=pb.AudioChunk(seq=i, pts_ms=240 * i, pcm=pcm[i * half:(i + 1) * half].tobytes()))
+                 for i in range(8)]
+        msgs = [*chunk[:5], END_OF_UTTERANCE, *chunk[5:], END_OF_INPUT]
+        ctl = StreamController("sess-utt", settings(idle_mode="wait", return_audio=True), pipe)
+        out = await asyncio.wait_for(collect(ctl, requests(msgs)), GUARD_S)
+        watchdog.check()
+    got = videos(out)
+    assert [v.block_index for v in got] == [0, 1, 2, 3]
+    assert b"".join(v.audio_pcm for v in got) == pcm.tobytes()  # bit-exact, span by span
+    assert all(len(v.audio_pcm) == 2 * SPB for v in got)
+    assert timeline(out) == [("started", 0), ("video", 0), ("video", 1), ("started", 1), ("video", 2), ("ended", 0),
+                             ("video", 3), ("ended", 1)]
+    started = utterance_events(out, pb.StatusEvent.KIND_UTTERANCE_STARTED)
+    ended = utterance_events(out, pb.StatusEvent.KIND_UTTERANCE_ENDED)
+    assert [(u.start_pts_ms, u.played_ms) for u in started] == [(0, 480), (1200, 240)]
+    assert [(u.start_pts_ms, u.duration_ms, u.played_ms, u.interrupted) for u in ended] == \
+        [(0, 1200, 1200, False), (1200, 720, 720, False)]
+
+
+async def test_an_interrupt_ends_every_undelivered_utterance_with_what_was_played(chain) -> None:
+    """Utterance 0 has one block delivered, then its next blocks (and a queued utterance 1) are held in the slow
+    stage: INTERRUPT ends both right after INTERRUPTED, 0 with played 480 ms of 1440, 1 never started (played 0).
+    Audio after the INTERRUPT starts utterance 2. Without return_audio no chunk carries audio."""
+    route, slow = chain
+    async with LoopWatchdog() as watchdog, PipelineClient() as client:
+        pipe = await client.open("sess-int", route)
+        ctl = StreamController("sess-int", settings(idle_mode="wait"), pipe)
+        inbox: asyncio.Queue = asyncio.Queue()
+
+        async def live() -> AsyncIterator[pb.ClientMessage]:
+            while (m := await inbox.get()) is not None:
+                yield m
+
+        out: list[pb.ServerMessage] = []
+
+        async def read() -> None:
+            async for m in ctl.run(live()):
+                out.append(m)
+
+        chunks = tone_chunks(5)
+        reader = asyncio.create_task(read())
+        try:
+            await inbox.put(audio(0, chunks[0]))
+            await wait_until(lambda: any(m.WhichOneof("kind") == "video" for m in out), watchdog)
+            slow.gate("sess-int")
+            for i in (1, 2):
+                await inbox.put(audio(i, chunks[i]))
+            await inbox.put(END_OF_UTTERANCE)
+            await inbox.put(audio(3, chunks[3]))
+            await wait_until(lambda: ctl.next_block == 4, watchdog)  # blocks 1-3 held in the slow stage
+            await inbox.put(INTERRUPT)
+            await wait_until(lambda: len(utterance_events(out, pb.StatusEvent.KIND_UTTERANCE_ENDED)) == 2, watchdog)
+            slow.release("sess-int")
+            # The output resumes with an idle block at the INTERRUPTED pts (1920 ms); new audio follows it.
+            await wait_until(lambda: ctl.next_block == 5, watchdog)
+            await inbox.put(pb.ClientMessage(audio=pb.AudioChunk(seq=4, pts_ms=2400, pcm=chunks[4])))
+            await inbox.put(END_OF_INPUT)
+            await inbox.put(None)
+            await asyncio.wait_for(reader, GUARD_S)
+        finally:
+            if "sess-int" in slow.gates:
+                slow.release("sess-int")
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+        watchdog.check()
+    kinds = [s.kind for s in statuses(out)]
+    at = kinds.index(pb.StatusEvent.KIND_INTERRUPTED)
+    assert kinds[at + 1: at + 3] == [pb.StatusEvent.KIND_UTTERANCE_ENDED] * 2
+    ended = utterance_events(out, pb.StatusEvent.KIND_UTTERANCE_ENDED)
+    assert [(u.index, u.duration_ms, u.played_ms, u.interrupted) for u in ended[:2]] == \
+        [(0, 1440, 480, True), (1, 480, 0, True)]
+    # After the INTERRUPT: the held blocks are not delivered; the new audio is utterance 2, played out in full.
+    assert timeline(out)[-6:] == [("ended", 0), ("ended", 1), ("video", 4), ("started", 2), ("video", 5),
+                                  ("ended", 2)]
+    assert [v.block_index for v in videos(out)] == [0, 4, 5]
+    assert (ended[2].index, ended[2].duration_ms, ended[2].played_ms, ended[2].interrupted) == (2, 480, 480, False)
+    assert all(not v.audio_pcm for v in videos(out))
+
+
+async def test_audio_sent_right_after_an_interrupt_is_played_not_overwritten(chain) -> None:
+    """New audio at the INTERRUPTED pts that reaches the gateway before the feeder turned the output idle is played
+    from that pts (it used to be cleared with the interrupted audio, counted as received and never played)."""
+    route, slow = chain
+    async with LoopWatchdog() as watchdog, PipelineClient() as client:
+        pipe = await client.open("sess-int2", route)
+        ctl = StreamController("sess-int2", settings(idle_mode="wait", max_in_flight=1), pipe)
+        slow.gate("sess-int2")
+        chunks = tone_chunks(3)
+        inbox: asyncio.Queue = asyncio.Queue()
+
+        async def live() -> AsyncIterator[pb.ClientMessage]:
+            while (m := await inbox.get()) is not None:
+                yield m
+
+        out: list[pb.ServerMessage] = []
+
+        async def read() -> None:
+            async for m in ctl.run(live()):
+                out.append(m)
+
+        reader = asyncio.create_task(read())
+        try:
+            await inbox.put(audio(0, chunks[0]))
+            await inbox.put(audio(1, chunks[1]))
+            await wait_until(lambda: ctl.next_block == 1, watchdog)  # block 0 held; the cap of 1 keeps block 1 out
+            # INTERRUPT and new audio at its pts (480 ms: the end of the audio received) arrive together, while the
+            # feeder is still at the cap and cannot turn the output idle yet.
+            await inbox.put(INTERRUPT)
+            await inbox.put(pb.ClientMessage(audio=pb.AudioChunk(seq=2, pts_ms=960, pcm=chunks[2])))
+            await wait_until(lambda: ctl.real_end == 3 * SPB, watchdog)
+            slow.release("sess-int2")
+            await inbox.put(END_OF_INPUT)
+            await inbox.put(None)
+            await asyncio.wait_for(reader, GUARD_S)
+        finally:
+            if "sess-int2" in slow.gates:
+                slow.release("sess-int2")
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+        watchdog.check()
+    interrupted = [s for s in statuses(out) if s.kind == pb.StatusEvent.KIND_INTERRUPTED][0]
+    got = videos(out)
+    assert interrupted.pts_ms == 960 and [(v.pts_ms, v.is_idle) for v in got] == [(960, False)]
+    assert ctl.counters.audio_samples_received == 3 * SPB and ctl.counters.audio_samples_discarded == SPB

@@ -20,19 +20,20 @@ from .errors import (AvatarServeError, CapacityExhausted, Cancelled, DeadlineExc
                      from_rpc_error)
 from .media import Mp4Writer, VideoBlock, decode_h264, decode_jpeg, write_mp4
 from .types import (AudioEncoding, CloseSummary, Counters, EventKind, Geometry, IdleMode,
-                    OutputFormat, SessionHandle, SessionInfo, SessionState, StatusEvent)
+                    OutputFormat, SessionHandle, SessionInfo, SessionState, StatusEvent, UtteranceProgress)
 
 INTERRUPT = StreamMarker.INTERRUPT
 END_OF_INPUT = StreamMarker.END_OF_INPUT
+END_OF_UTTERANCE = StreamMarker.END_OF_UTTERANCE
 
 __all__ = [
     "AsyncAvatarClient", "AsyncSession", "AudioEncoding", "AvatarClient", "AvatarServeError",
     "Cancelled", "CapacityExhausted", "CloseSummary", "Counters", "DeadlineExceeded",
-    "END_OF_INPUT", "EventKind", "FailedPrecondition", "Geometry", "INTERRUPT", "IdleMode",
+    "END_OF_INPUT", "END_OF_UTTERANCE", "EventKind", "FailedPrecondition", "Geometry", "INTERRUPT", "IdleMode",
     "InvalidArgument", "MediaError", "MissingDependency", "Mp4Writer", "OutputFormat",
     "PermissionDenied", "ProtocolError", "RealtimePacer", "SAMPLE_RATE", "ServerError",
     "Session", "SessionHandle", "SessionInfo", "SessionNotFound", "SessionState", "StatusEvent",
-    "StreamMarker", "StreamStats", "Unavailable", "VideoBlock", "chunk_pcm", "decode_h264",
+    "StreamMarker", "StreamStats", "Unavailable", "UtteranceProgress", "VideoBlock", "chunk_pcm", "decode_h264",
     "decode_jpeg", "float_to_pcm16", "from_rpc_error", "pcm_to_bytes", "read_wav", "resample",
     "silence", "write_mp4",
 ]

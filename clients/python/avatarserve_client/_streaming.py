@@ -30,10 +30,13 @@ class StreamMarker(enum.Enum):
 
     INTERRUPT = "interrupt"
     END_OF_INPUT = "end_of_input"
+    # The audio so far completes an utterance (UTTERANCE_STARTED / UTTERANCE_ENDED report its playback).
+    END_OF_UTTERANCE = "end_of_utterance"
 
     def to_message(self) -> pb.ClientMessage:
-        kind = (pb.Control.KIND_INTERRUPT if self is StreamMarker.INTERRUPT
-                else pb.Control.KIND_END_OF_INPUT)
+        kind = {StreamMarker.INTERRUPT: pb.Control.KIND_INTERRUPT,
+                StreamMarker.END_OF_INPUT: pb.Control.KIND_END_OF_INPUT,
+                StreamMarker.END_OF_UTTERANCE: pb.Control.KIND_END_OF_UTTERANCE}[self]
         return pb.ClientMessage(control=pb.Control(kind=kind))
 
 

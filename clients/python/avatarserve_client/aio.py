@@ -55,12 +55,13 @@ class AsyncAvatarClient:
                              jpeg_quality: int = 0,
                              audio_encoding: str | AudioEncoding = AudioEncoding.PCM_S16LE,
                              idle_mode: str | IdleMode | None = None, fill_grace_ms: int = 0,
-                             idle_timeout_s: int = 0, timeout: float | None = None) -> SessionHandle:
+                             idle_timeout_s: int = 0, return_audio: bool = False,
+                             timeout: float | None = None) -> SessionHandle:
         request = build_create_request(
             load_image_bytes(image), prompt, width=width, height=height, seed=seed,
             formats=parse_formats(formats), jpeg_quality=jpeg_quality,
             audio_encoding=AudioEncoding(audio_encoding), idle_mode=idle_mode,
-            fill_grace_ms=fill_grace_ms, idle_timeout_s=idle_timeout_s)
+            fill_grace_ms=fill_grace_ms, idle_timeout_s=idle_timeout_s, return_audio=return_audio)
         reply = await self._unary(self._stub.CreateSession, request, None, timeout)
         return SessionHandle.from_proto(reply)
 
@@ -138,6 +139,11 @@ class AsyncSession:
 
     async def end_of_input(self) -> None:
         await self._require_queue().close(control_message(pb.Control.KIND_END_OF_INPUT))
+
+    async def end_of_utterance(self) -> None:
+        """The audio queued so far completes an utterance (sent in order with it); the server reports its playback
+        with UTTERANCE_STARTED / UTTERANCE_ENDED events."""
+        await self._require_queue().put(control_message(pb.Control.KIND_END_OF_UTTERANCE))
 
     def _require_queue(self) -> AsyncSendQueue:
         if self._queue is None:

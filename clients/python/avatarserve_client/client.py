@@ -84,13 +84,14 @@ class AvatarClient:
                        seed: int | None = None, formats: Iterable[str | OutputFormat] | str = ("jpeg",),
                        jpeg_quality: int = 0, audio_encoding: str | AudioEncoding = AudioEncoding.PCM_S16LE,
                        idle_mode: str | IdleMode | None = None, fill_grace_ms: int = 0,
-                       idle_timeout_s: int = 0, timeout: float | None = None) -> SessionHandle:
+                       idle_timeout_s: int = 0, return_audio: bool = False,
+                       timeout: float | None = None) -> SessionHandle:
         """Create a session from a reference image (path, bytes, PIL image or HxWx3 array)."""
         request = build_create_request(
             load_image_bytes(image), prompt, width=width, height=height, seed=seed,
             formats=parse_formats(formats), jpeg_quality=jpeg_quality,
             audio_encoding=AudioEncoding(audio_encoding), idle_mode=idle_mode,
-            fill_grace_ms=fill_grace_ms, idle_timeout_s=idle_timeout_s)
+            fill_grace_ms=fill_grace_ms, idle_timeout_s=idle_timeout_s, return_audio=return_audio)
         return SessionHandle.from_proto(self._unary(self._stub.CreateSession, request, None, timeout))
 
     def get_session(self, session: "SessionHandle | Session | str", token: str | None = None, *,
@@ -167,6 +168,11 @@ class Session:
     def end_of_input(self) -> None:
         """No more audio: send END_OF_INPUT after what is queued; the stream then drains."""
         self._require_queue().close(control_message(pb.Control.KIND_END_OF_INPUT))
+
+    def end_of_utterance(self) -> None:
+        """The audio queued so far completes an utterance (sent in order with it); the server reports its playback
+        with UTTERANCE_STARTED / UTTERANCE_ENDED events. Thread-safe."""
+        self._require_queue().put(control_message(pb.Control.KIND_END_OF_UTTERANCE))
 
     def _require_queue(self) -> SendQueue:
         if self._queue is None:

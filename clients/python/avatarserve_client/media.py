@@ -44,6 +44,9 @@ class VideoBlock:
     fps: int = 25
     jpeg_frames: list[bytes] = field(default_factory=list, repr=False)
     received_at: float = 0.0  # local time.monotonic() when the block arrived
+    # With return_audio: the block's audio span [pts_ms, pts_ms + duration_ms), int16 mono at the session's sample
+    # rate (the client's audio, server-filled silence where none came); None otherwise.
+    audio: np.ndarray | None = field(default=None, repr=False)
 
     def frame_pts_ms(self, i: int) -> float:
         """Presentation time (ms, stream audio clock) of frame i of this block."""
@@ -99,7 +102,8 @@ def video_block_from_proto(msg: pb.VideoChunk, *, fps: int, received_at: float,
     return VideoBlock(block_index=msg.block_index, pts_ms=msg.pts_ms, duration_ms=msg.duration_ms,
                       frames=frames, h264=h264, is_idle=msg.is_idle, width=msg.width,
                       height=msg.height, num_frames=msg.num_frames, fps=fps, jpeg_frames=jpegs,
-                      received_at=received_at)
+                      received_at=received_at,
+                      audio=np.frombuffer(msg.audio_pcm, dtype="<i2").astype(np.int16) if msg.audio_pcm else None)
 
 
 class Mp4Writer:

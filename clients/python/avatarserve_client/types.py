@@ -36,6 +36,8 @@ class EventKind(str, enum.Enum):
     DRAINED = "DRAINED"
     END_OF_STREAM = "END_OF_STREAM"
     WARNING = "WARNING"
+    UTTERANCE_STARTED = "UTTERANCE_STARTED"
+    UTTERANCE_ENDED = "UTTERANCE_ENDED"
 
     @classmethod
     def from_proto(cls, value: int) -> "EventKind":
@@ -210,6 +212,22 @@ class CloseSummary:
 
 
 @dataclass(frozen=True)
+class UtteranceProgress:
+    """Playback of one utterance (UTTERANCE_STARTED / UTTERANCE_ENDED events)."""
+
+    index: int  # 0-based within the stream
+    start_pts_ms: int  # stream-clock position of its first audio
+    duration_ms: int  # its audio received so far
+    played_ms: int  # of it, delivered as video, from its start
+    interrupted: bool  # UTTERANCE_ENDED only: an INTERRUPT cut it
+
+    @classmethod
+    def from_proto(cls, u: pb.UtteranceProgress) -> "UtteranceProgress":
+        return cls(index=u.index, start_pts_ms=u.start_pts_ms, duration_ms=u.duration_ms, played_ms=u.played_ms,
+                   interrupted=u.interrupted)
+
+
+@dataclass(frozen=True)
 class StatusEvent:
     """A StatusEvent from the stream, plus the local monotonic time it was received."""
 
@@ -221,6 +239,7 @@ class StatusEvent:
     counters: Counters
     geometry: Geometry | None
     received_at: float
+    utterance: UtteranceProgress | None = None  # UTTERANCE_STARTED / UTTERANCE_ENDED
 
     @classmethod
     def from_proto(cls, e: pb.StatusEvent, received_at: float) -> "StatusEvent":
@@ -228,7 +247,8 @@ class StatusEvent:
                    pts_ms=e.pts_ms, block_index=e.block_index,
                    counters=Counters.from_proto(e.counters),
                    geometry=Geometry.from_proto(e.geometry) if e.HasField("geometry") else None,
-                   received_at=received_at)
+                   received_at=received_at,
+                   utterance=UtteranceProgress.from_proto(e.utterance) if e.HasField("utterance") else None)
 
 
 def build_create_request(
@@ -244,6 +264,7 @@ def build_create_request(
     idle_mode: IdleMode | str | None,
     fill_grace_ms: int,
     idle_timeout_s: int,
+    return_audio: bool = False,
 ) -> pb.CreateSessionRequest:
     """Validate option values locally (cheap, clear messages) and build the request."""
     for name, value in (("width", width), ("height", height), ("jpeg_quality", jpeg_quality),
@@ -261,6 +282,7 @@ def build_create_request(
         output_formats=[f.to_proto() for f in formats],
         audio_format=pb.AudioFormat(encoding=audio_encoding.to_proto(), sample_rate_hz=16000,
                                     channels=1),
+        return_audio=bool(return_audio),
     )
     if seed is not None:
         opts.seed = seed

@@ -70,7 +70,7 @@ class IdleOptions(_message.Message):
     def __init__(self, mode: _Optional[_Union[IdleMode, str]] = ..., fill_grace_ms: _Optional[int] = ..., idle_timeout_s: _Optional[int] = ...) -> None: ...
 
 class SessionOptions(_message.Message):
-    __slots__ = ("width", "height", "seed", "output_formats", "jpeg_quality", "audio_format", "idle")
+    __slots__ = ("width", "height", "seed", "output_formats", "jpeg_quality", "audio_format", "idle", "return_audio")
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class SessionOptions(_message.Message):
     JPEG_QUALITY_FIELD_NUMBER: _ClassVar[int]
     AUDIO_FORMAT_FIELD_NUMBER: _ClassVar[int]
     IDLE_FIELD_NUMBER: _ClassVar[int]
+    RETURN_AUDIO_FIELD_NUMBER: _ClassVar[int]
     width: int
     height: int
     seed: int
@@ -85,7 +86,8 @@ class SessionOptions(_message.Message):
     jpeg_quality: int
     audio_format: AudioFormat
     idle: IdleOptions
-    def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., seed: _Optional[int] = ..., output_formats: _Optional[_Iterable[_Union[OutputFormat, str]]] = ..., jpeg_quality: _Optional[int] = ..., audio_format: _Optional[_Union[AudioFormat, _Mapping]] = ..., idle: _Optional[_Union[IdleOptions, _Mapping]] = ...) -> None: ...
+    return_audio: bool
+    def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., seed: _Optional[int] = ..., output_formats: _Optional[_Iterable[_Union[OutputFormat, str]]] = ..., jpeg_quality: _Optional[int] = ..., audio_format: _Optional[_Union[AudioFormat, _Mapping]] = ..., idle: _Optional[_Union[IdleOptions, _Mapping]] = ..., return_audio: _Optional[bool] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("reference_image", "prompt", "options")
@@ -160,9 +162,11 @@ class Control(_message.Message):
         KIND_UNSPECIFIED: _ClassVar[Control.Kind]
         KIND_INTERRUPT: _ClassVar[Control.Kind]
         KIND_END_OF_INPUT: _ClassVar[Control.Kind]
+        KIND_END_OF_UTTERANCE: _ClassVar[Control.Kind]
     KIND_UNSPECIFIED: Control.Kind
     KIND_INTERRUPT: Control.Kind
     KIND_END_OF_INPUT: Control.Kind
+    KIND_END_OF_UTTERANCE: Control.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     kind: Control.Kind
     def __init__(self, kind: _Optional[_Union[Control.Kind, str]] = ...) -> None: ...
@@ -176,7 +180,7 @@ class ServerMessage(_message.Message):
     def __init__(self, video: _Optional[_Union[VideoChunk, _Mapping]] = ..., status: _Optional[_Union[StatusEvent, _Mapping]] = ...) -> None: ...
 
 class VideoChunk(_message.Message):
-    __slots__ = ("block_index", "pts_ms", "duration_ms", "jpeg_frames", "h264", "is_idle", "width", "height", "num_frames")
+    __slots__ = ("block_index", "pts_ms", "duration_ms", "jpeg_frames", "h264", "is_idle", "width", "height", "num_frames", "audio_pcm")
     BLOCK_INDEX_FIELD_NUMBER: _ClassVar[int]
     PTS_MS_FIELD_NUMBER: _ClassVar[int]
     DURATION_MS_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +190,7 @@ class VideoChunk(_message.Message):
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_PCM_FIELD_NUMBER: _ClassVar[int]
     block_index: int
     pts_ms: int
     duration_ms: int
@@ -195,7 +200,8 @@ class VideoChunk(_message.Message):
     width: int
     height: int
     num_frames: int
-    def __init__(self, block_index: _Optional[int] = ..., pts_ms: _Optional[int] = ..., duration_ms: _Optional[int] = ..., jpeg_frames: _Optional[_Iterable[bytes]] = ..., h264: _Optional[bytes] = ..., is_idle: _Optional[bool] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_frames: _Optional[int] = ...) -> None: ...
+    audio_pcm: bytes
+    def __init__(self, block_index: _Optional[int] = ..., pts_ms: _Optional[int] = ..., duration_ms: _Optional[int] = ..., jpeg_frames: _Optional[_Iterable[bytes]] = ..., h264: _Optional[bytes] = ..., is_idle: _Optional[bool] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_frames: _Optional[int] = ..., audio_pcm: _Optional[bytes] = ...) -> None: ...
 
 class SessionCounters(_message.Message):
     __slots__ = ("audio_samples_received", "audio_chunks_received", "audio_samples_late", "audio_samples_discarded", "blocks_generated", "blocks_delivered", "idle_blocks_delivered", "frames_delivered", "interrupts", "streams_opened")
@@ -222,7 +228,7 @@ class SessionCounters(_message.Message):
     def __init__(self, audio_samples_received: _Optional[int] = ..., audio_chunks_received: _Optional[int] = ..., audio_samples_late: _Optional[int] = ..., audio_samples_discarded: _Optional[int] = ..., blocks_generated: _Optional[int] = ..., blocks_delivered: _Optional[int] = ..., idle_blocks_delivered: _Optional[int] = ..., frames_delivered: _Optional[int] = ..., interrupts: _Optional[int] = ..., streams_opened: _Optional[int] = ...) -> None: ...
 
 class StatusEvent(_message.Message):
-    __slots__ = ("kind", "message", "code", "pts_ms", "block_index", "counters", "geometry")
+    __slots__ = ("kind", "message", "code", "pts_ms", "block_index", "counters", "geometry", "utterance")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[StatusEvent.Kind]
@@ -233,6 +239,8 @@ class StatusEvent(_message.Message):
         KIND_DRAINED: _ClassVar[StatusEvent.Kind]
         KIND_END_OF_STREAM: _ClassVar[StatusEvent.Kind]
         KIND_WARNING: _ClassVar[StatusEvent.Kind]
+        KIND_UTTERANCE_STARTED: _ClassVar[StatusEvent.Kind]
+        KIND_UTTERANCE_ENDED: _ClassVar[StatusEvent.Kind]
     KIND_UNSPECIFIED: StatusEvent.Kind
     KIND_STARTED: StatusEvent.Kind
     KIND_IDLE: StatusEvent.Kind
@@ -241,6 +249,8 @@ class StatusEvent(_message.Message):
     KIND_DRAINED: StatusEvent.Kind
     KIND_END_OF_STREAM: StatusEvent.Kind
     KIND_WARNING: StatusEvent.Kind
+    KIND_UTTERANCE_STARTED: StatusEvent.Kind
+    KIND_UTTERANCE_ENDED: StatusEvent.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +258,7 @@ class StatusEvent(_message.Message):
     BLOCK_INDEX_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     GEOMETRY_FIELD_NUMBER: _ClassVar[int]
+    UTTERANCE_FIELD_NUMBER: _ClassVar[int]
     kind: StatusEvent.Kind
     message: str
     code: str
@@ -255,7 +266,22 @@ class StatusEvent(_message.Message):
     block_index: int
     counters: SessionCounters
     geometry: SessionGeometry
-    def __init__(self, kind: _Optional[_Union[StatusEvent.Kind, str]] = ..., message: _Optional[str] = ..., code: _Optional[str] = ..., pts_ms: _Optional[int] = ..., block_index: _Optional[int] = ..., counters: _Optional[_Union[SessionCounters, _Mapping]] = ..., geometry: _Optional[_Union[SessionGeometry, _Mapping]] = ...) -> None: ...
+    utterance: UtteranceProgress
+    def __init__(self, kind: _Optional[_Union[StatusEvent.Kind, str]] = ..., message: _Optional[str] = ..., code: _Optional[str] = ..., pts_ms: _Optional[int] = ..., block_index: _Optional[int] = ..., counters: _Optional[_Union[SessionCounters, _Mapping]] = ..., geometry: _Optional[_Union[SessionGeometry, _Mapping]] = ..., utterance: _Optional[_Union[UtteranceProgress, _Mapping]] = ...) -> None: ...
+
+class UtteranceProgress(_message.Message):
+    __slots__ = ("index", "start_pts_ms", "duration_ms", "played_ms", "interrupted")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    START_PTS_MS_FIELD_NUMBER: _ClassVar[int]
+    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    PLAYED_MS_FIELD_NUMBER: _ClassVar[int]
+    INTERRUPTED_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    start_pts_ms: int
+    duration_ms: int
+    played_ms: int
+    interrupted: bool
+    def __init__(self, index: _Optional[int] = ..., start_pts_ms: _Optional[int] = ..., duration_ms: _Optional[int] = ..., played_ms: _Optional[int] = ..., interrupted: _Optional[bool] = ...) -> None: ...
 
 class GetSessionRequest(_message.Message):
     __slots__ = ("session_id", "session_token")

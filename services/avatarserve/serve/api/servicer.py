@@ -172,7 +172,7 @@ class Gateway:
         seed = int(o.seed) if o.HasField("seed") else secrets.randbits(31)
         return {"formats": formats, "jpeg_quality": q, "encoding": enc, "idle_mode": mode,
                 "fill_grace_ms": int(idle.fill_grace_ms or 200), "idle_timeout_s": int(idle.idle_timeout_s or 300),
-                "seed": seed, "width": st.width, "height": st.height}
+                "seed": seed, "width": st.width, "height": st.height, "return_audio": bool(o.return_audio)}
 
     def _options_proto(self, opts: Dict[str, Any]) -> pb.SessionOptions:
         inv = {v: k for k, v in _FORMATS.items()}
@@ -184,7 +184,8 @@ class Gateway:
                                         channels=1),
             idle=pb.IdleOptions(mode=pb.IDLE_MODE_WAIT_FOR_AUDIO if opts["idle_mode"] == "wait"
                                 else pb.IDLE_MODE_FILL_SILENCE, fill_grace_ms=opts["fill_grace_ms"],
-                                idle_timeout_s=opts["idle_timeout_s"]))
+                                idle_timeout_s=opts["idle_timeout_s"]),
+            return_audio=bool(opts.get("return_audio", False)))
 
     async def CreateSession(self, request: pb.CreateSessionRequest, grpc_context=None) -> pb.CreateSessionResponse:
         try:
@@ -358,7 +359,8 @@ class Gateway:
             sample_rate=st.sample_rate, samples_per_block=st.samples_per_block, frames_per_block=st.frames_per_block,
             fps=st.fps, width=st.width, height=st.height, encoding=opts.get("encoding", "s16le"),
             idle_mode=opts.get("idle_mode", "fill"), fill_grace_ms=int(opts.get("fill_grace_ms", 200)),
-            idle_timeout_s=float(opts.get("idle_timeout_s", 300)), max_in_flight=self.app.in_flight_limit)
+            idle_timeout_s=float(opts.get("idle_timeout_s", 300)), max_in_flight=self.app.in_flight_limit,
+            return_audio=bool(opts.get("return_audio", False)))
         try:
             lease.pipe = await client.open(sid, [h.address for h in route], json.dumps(opts).encode())
         except PipelineError as exc:

@@ -13,7 +13,10 @@ pipeline one whole block of PCM at a time, at most `max_in_flight` blocks ahead 
 - a slow reader stalls the receiver, then the pipeline, then the feeder, then reading client audio (back-pressure
   all the way to the client; nothing grows without bound);
 - a client that sends no audio for `idle_timeout_s` gets its input ended (END_OF_STREAM reason `idle_timeout`),
-  whether or not blocks are in flight at that moment.
+  whether or not blocks are in flight at that moment;
+- utterances (client audio between END_OF_UTTERANCE / INTERRUPT / end-of-input boundaries) are reported as their
+  blocks are delivered: UTTERANCE_STARTED before the first chunk holding their audio, UTTERANCE_ENDED after the
+  chunk holding their last audio, or at an INTERRUPT with how much of them was played out (`_Utterance`).
 
 Many sessions share one event loop (the gateway's), so no loop here may run a pass without awaiting something that
 suspends: the feeder sleeps until it is woken (audio, INTERRUPT, end of input, a block delivered) or until its next
@@ -55,6 +58,7 @@ class StreamSettings:
     max_chunk_ms: int = 1000
     max_buffer_s: float = 30.0
     max_in_flight: int = 7
+    return_audio: bool = False  # VideoChunk.audio_pcm: the block's audio span as s16le
 
     @property
     def block_ms(self) -> float:
@@ -66,7 +70,20 @@ class _InFlight:
     pts_ms: int
     is_idle: bool
     sent_at: float
+    start: int = 0  # stream-clock sample where the block's span starts
+    pcm: Optional[np.ndarray] = None  # the block's audio, kept only to return it (StreamSettings.return_audio)
     discard: bool = False
+
+
+@dataclass
+class _Utterance:
+    """Client audio between two boundaries, on the stream clock [start, end) in samples."""
+
+    index: int
+    start: int
+    end: int
+    closed: bool = False  # END_OF_UTTERANCE / end of input: `end` is final
+    started: bool = False  # UTTERANCE_STARTED sent
 
 
 @dataclass
@@ -118,6 +135,9 @@ class StreamController:
         self.speaking: Optional[bool] = None
         self.interrupted_at: Optional[float] = None
         self.interrupt_to_idle_s: list = []
+        self.utterances: list = []  # not yet ended, in order (_Utterance)
+        self.utterances_begun = 0
+        self.delivered_end = 0  # stream-clock sample where the last delivered block's span ends
         self.ttff_s: Optional[float] = None
         self.first_sent_at: Optional[float] = None
         # Wall-clock time of stream-clock sample 0: the stream start while filling silence; in wait-for-audio mode it
@@ -163,9 +183,46 @@ class StreamController:
     async def _put(self, msg) -> None:
         await self.out_q.put(msg)
 
-    def _status(self, kind: int, message: str = "", pts_ms: int = 0, block_index: int = 0, code: str = "") -> pb.ServerMessage:
+    def _status(self, kind: int, message: str = "", pts_ms: int = 0, block_index: int = 0, code: str = "",
+                utterance: Optional[pb.UtteranceProgress] = None) -> pb.ServerMessage:
         return pb.ServerMessage(status=pb.StatusEvent(kind=kind, message=message, pts_ms=pts_ms, block_index=block_index,
-                                                      code=code, counters=self.counters.proto()))
+                                                      code=code, counters=self.counters.proto(), utterance=utterance))
+
+    # ----- utterances -------------------------------------------------------------------------------------------
+    def _utterance_audio(self, start: int, end: int) -> None:
+        """Client audio placed at [start, end): it extends the open utterance or begins the next one."""
+        last = self.utterances[-1] if self.utterances else None
+        if last is None or last.closed:
+            self.utterances.append(_Utterance(index=self.utterances_begun, start=start, end=end))
+            self.utterances_begun += 1
+        else:
+            last.end = end
+
+    def _progress(self, u: _Utterance, interrupted: bool = False, upto: Optional[int] = None) -> pb.UtteranceProgress:
+        """Its playback so far: delivered up to `upto` (default: the end of the last delivered chunk)."""
+        delivered = self.delivered_end if upto is None else upto
+        played = min(max(delivered - u.start, 0), u.end - u.start)
+        return pb.UtteranceProgress(index=u.index, start_pts_ms=self._ms(u.start), duration_ms=self._ms(u.end - u.start),
+                                    played_ms=self._ms(played), interrupted=interrupted)
+
+    async def _utterance_event(self, kind: int, u: _Utterance, interrupted: bool = False,
+                               upto: Optional[int] = None) -> None:
+        await self._put(self._status(kind, pts_ms=self._ms(u.start), block_index=self.next_block,
+                                     utterance=self._progress(u, interrupted, upto)))
+
+    async def _end_utterance(self) -> None:
+        """END_OF_UTTERANCE / end of input: the open utterance's audio is complete."""
+        if self.utterances and not self.utterances[-1].closed:
+            self.utterances[-1].closed = True
+            await self._ended_utterances()
+
+    async def _ended_utterances(self) -> None:
+        """UTTERANCE_ENDED for every complete utterance whose audio has all been delivered, in order."""
+        while self.utterances and self.utterances[0].closed and self.utterances[0].end <= self.delivered_end:
+            u = self.utterances.pop(0)
+            if not u.started:  # its audio was delivered within the same chunk it began in
+                await self._utterance_event(pb.StatusEvent.KIND_UTTERANCE_STARTED, u)
+            await self._utterance_event(pb.StatusEvent.KIND_UTTERANCE_ENDED, u)
 
     def _ms(self, samples: int) -> int:
         return samples * 1000 // self.s.sample_rate
@@ -192,6 +249,8 @@ class StreamController:
                     await self._interrupt()
                 elif msg.control.kind == pb.Control.KIND_END_OF_INPUT:
                     break
+                elif msg.control.kind == pb.Control.KIND_END_OF_UTTERANCE:
+                    await self._end_utterance()
                 else:
                     raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown control kind {msg.control.kind}")
             elif kind == "hello":
@@ -199,6 +258,7 @@ class StreamController:
             else:
                 raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "empty ClientMessage")
         self.end_of_input = True  # END_OF_INPUT or half-close
+        await self._end_utterance()
         self._wake.set()
 
     async def _on_audio(self, chunk: pb.AudioChunk) -> None:
@@ -236,6 +296,7 @@ class StreamController:
             self._buf = np.concatenate([self._buf, pcm])
             self._buf_real += len(pcm)
             self.counters.audio_samples_received += len(pcm)
+            self._utterance_audio(start, start + len(pcm))
         self._wake.set()
         # Back-pressure: stop reading the client while too much audio waits; the feeder wakes us when it takes some.
         while len(self._buf) > self.s.max_buffer_s * self.s.sample_rate and self._fatal is None:
@@ -255,6 +316,9 @@ class StreamController:
         self.interrupted_at = self.clock()
         await self._put(self._status(pb.StatusEvent.KIND_INTERRUPTED, "interrupt", pts_ms=self._ms(self.clock_pos),
                                      block_index=self.next_block))
+        cut, self.utterances = self.utterances, []  # none of their undelivered audio will be delivered
+        for u in cut:
+            await self._utterance_event(pb.StatusEvent.KIND_UTTERANCE_ENDED, u, interrupted=True)
         self._wake.set()
 
     @property
@@ -280,7 +344,8 @@ class StreamController:
         is_idle = real_samples == 0 or is_idle_rms(rms)
         b = self.next_block
         pts = self._ms(self.clock_pos)
-        self.in_flight[b] = _InFlight(pts_ms=pts, is_idle=is_idle, sent_at=self.clock())
+        self.in_flight[b] = _InFlight(pts_ms=pts, is_idle=is_idle, sent_at=self.clock(), start=self.clock_pos,
+                                      pcm=pcm.copy() if self.s.return_audio else None)
         if self.first_sent_at is None:
             self.first_sent_at = self.clock()
         self.next_block += 1
@@ -314,11 +379,12 @@ class StreamController:
             room = len(self.in_flight) < self.s.max_in_flight
             if room:
                 if self.force_idle:
+                    # After an INTERRUPT (which emptied the buffer), the output turns idle at once, unless new audio
+                    # already arrived: it starts at the INTERRUPTED pts and is played, not overwritten with silence.
                     self.force_idle = False
-                    self._buf, self._buf_real = np.zeros(0, np.float32), 0
-                    self._room.set()
-                    await self._send_block(np.zeros(spb, np.float32), 0)
-                    continue
+                    if not len(self._buf):
+                        await self._send_block(np.zeros(spb, np.float32), 0)
+                        continue
                 if len(self._buf) >= spb:
                     await self._take_block(pad=False)
                     continue
@@ -367,6 +433,9 @@ class StreamController:
             if isinstance(item, ControlItem):
                 continue  # e.g. the adaptive-sink latent on its way to the head: not for the client
             await self._deliver(item)
+        for u in self.utterances:  # the input ended (idle timeout) with an utterance still open: all of it played
+            u.closed = True
+        await self._ended_utterances()
         await self._put(self._status(pb.StatusEvent.KIND_DRAINED, self.end_reason, pts_ms=self._ms(self.clock_pos),
                                      block_index=self.next_block))
         await self._put(self._status(pb.StatusEvent.KIND_END_OF_STREAM, self.end_reason,
@@ -412,10 +481,19 @@ class StreamController:
             frames = len(sizes)
         if "h264" in item.tensors:
             chunk.h264 = _as_bytes(item.tensors["h264"])
+        if meta.pcm is not None:
+            chunk.audio_pcm = np.clip(np.round(meta.pcm * 32768.0), -32768, 32767).astype("<i2").tobytes()
         self.counters.blocks_delivered += 1
         self.counters.frames_delivered += self.s.frames_per_block
         self.counters.idle_blocks_delivered += int(meta.is_idle)
+        block_end = meta.start + self.s.samples_per_block
+        for u in list(self.utterances):  # utterances whose first audio is in this chunk (the list may change at awaits)
+            if not u.started and u.start < block_end:
+                u.started = True
+                await self._utterance_event(pb.StatusEvent.KIND_UTTERANCE_STARTED, u, upto=block_end)
         await self._put(pb.ServerMessage(video=chunk))
+        self.delivered_end = max(self.delivered_end, block_end)
+        await self._ended_utterances()
         if self.on_block is not None:
             done = self.clock()
             audio_end_s = (meta.pts_ms + self.s.block_ms) / 1000.0
