@@ -118,14 +118,17 @@ class RayCluster:
     metrics_export_port: int = 0  # Prometheus exposition of Ray's metrics agent: http://127.0.0.1:<port>/metrics
 
 
+# Keep every Ray port of the test session's cluster on 127.0.0.1 (Ray otherwise advertises the host's routable
+# address). Set when this conftest is imported: Ray reads it once, when `ray` is first imported (by collection).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[RayCluster]:
     # Token auth is on by default for local clusters since Ray 2.59; tests run a private,
     # loopback-only cluster, so disable it deliberately (inherited by every Ray process).
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Keep every Ray port on 127.0.0.1 (Ray otherwise advertises the host's routable address).
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     # Replicas push their metrics to the node's agent every second (Ray's default is 10 s), so metric tests see
     # fresh values quickly.
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")

@@ -62,7 +62,7 @@ def test_rendered_cpu_profile_serves_a_session(tmp_path, password_redis):
     try:
         driver = subprocess.run([sys.executable, "-m", "tests.support.multinode", "deploy", "--address", nodes.address,
                                  "--nodes", "2", "--app", f"@{path}"],
-                                env={**os.environ, **env}, capture_output=True, text=True, timeout=1800)
+                                env={**os.environ, **nodes.env}, capture_output=True, text=True, timeout=1800)
         assert driver.returncode == 0, f"{driver.stderr[-4000:]}\n{nodes.logs()}"
         address = f"{HEAD}:{grpc_port}"
         wait_grpc_healthy(address, timeout=300)

@@ -75,7 +75,7 @@ def multinode(tmp_path_factory, password_redis):
         driver = subprocess.run(
             [sys.executable, "-m", "tests.support.multinode", "deploy", "--address", nodes.address, "--nodes",
              str(len(NODES)), "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--app", json.dumps(app)],
-            env={**os.environ, **env}, capture_output=True, text=True, timeout=1800)
+            env={**os.environ, **nodes.env}, capture_output=True, text=True, timeout=1800)
         assert driver.returncode == 0, f"{driver.stderr[-4000:]}\n{nodes.logs()}"
         address = f"{NODES[0].ip}:{grpc_port}"  # the Serve proxy runs on the head only
         wait_grpc_healthy(address, timeout=300)

@@ -69,6 +69,7 @@ def test_synthetic_chain_streams_through_ray_serve(serve_instance, redis_server:
         assert [s.hop.split("#")[0] for s in items[0].stamps] == ["client", *STAGES]
         assert {name: s["live_sessions"] for name, s in during.items()} == dict.fromkeys(STAGES, 1)
         assert {name: (s["live_sessions"], s["sessions_closed"]) for name, s in after.items()} == dict.fromkeys(STAGES, (0, 1))
-        assert all(s["heartbeats"] >= 1 and s["address"].startswith("127.0.0.1:") for s in after.values())
+        assert all(s["heartbeats"] >= 1 for s in after.values()), after
+        assert all(s["address"].startswith("127.0.0.1:") for s in after.values()), after
     finally:
         serve.delete("tpp-test")
