@@ -5,7 +5,7 @@ import warnings
 
 from avatarserve.stage.v1 import stage_pb2 as avatarserve_dot_stage_dot_v1_dot_stage__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
