@@ -462,3 +462,49 @@ async def test_audio_sent_right_after_an_interrupt_is_played_not_overwritten(cha
     got = videos(out)
     assert interrupted.pts_ms == 960 and [(v.pts_ms, v.is_idle) for v in got] == [(960, False)]
     assert ctl.counters.audio_samples_received == 3 * SPB and ctl.counters.audio_samples_discarded == SPB
+
+
+async def test_after_an_interrupt_new_audio_follows_the_idle_block_and_idle_video_does_not_stall(chain) -> None:
+    """A client far ahead of real time (TTS) interrupts: the output resumes at the end of the audio received, now,
+    not when the wall clock reaches that point (the idle block is due within one block); audio stamped at the
+    INTERRUPTED pts, arriving after the idle block went out, follows that block instead of being dropped as late."""
+    route, slow = chain
+    async with LoopWatchdog() as watchdog, PipelineClient() as client:
+        pipe = await client.open("sess-int3", route)
+        ctl = StreamController("sess-int3", settings(idle_mode="fill", fill_grace_ms=100), pipe)
+        inbox: asyncio.Queue = asyncio.Queue()
+
+        async def live() -> AsyncIterator[pb.ClientMessage]:
+            while (m := await inbox.get()) is not None:
+                yield m
+
+        out: list[pb.ServerMessage] = []
+
+        async def read() -> None:
+            async for m in ctl.run(live()):
+                out.append(m)
+
+        chunks = tone_chunks(12)
+        reader = asyncio.create_task(read())
+        try:
+            for i in range(10):  # 4.8 s of speech at once
+                await inbox.put(audio(i, chunks[i]))
+            await wait_until(lambda: ctl.real_end == 10 * SPB, watchdog)
+            await inbox.put(INTERRUPT)
+            await wait_until(lambda: ctl._forced_idle_span is not None, watchdog)  # the idle block went out
+            resume = [s for s in statuses(out) if s.kind == pb.StatusEvent.KIND_INTERRUPTED][0].pts_ms
+            assert resume == 4800
+            # Re-anchored: the block after the idle one is due one block (+ grace) from now, not ~4.8 s later.
+            assert ctl._due_at() - ctl.clock() <= 2 * SPB / SR + 0.1
+            await inbox.put(pb.ClientMessage(audio=pb.AudioChunk(seq=10, pts_ms=resume, pcm=chunks[10])))
+            await wait_until(lambda: ctl.real_end > 10 * SPB, watchdog)
+            await inbox.put(END_OF_INPUT)
+            await inbox.put(None)
+            await asyncio.wait_for(reader, GUARD_S)
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+        watchdog.check()
+    after = [(v.pts_ms, v.is_idle) for v in videos(out) if v.pts_ms >= 4800]
+    assert after[:2] == [(4800, True), (5280, False)]
+    assert ctl.counters.audio_samples_late == 0

@@ -129,6 +129,7 @@ class StreamController:
         self.in_flight: Dict[int, _InFlight] = {}
         self.end_of_input = False
         self.force_idle = False
+        self._forced_idle_span: Optional[tuple] = None  # stream-clock span of the idle block sent at an INTERRUPT
         self.last_seq = -1
         self.t0 = 0.0
         self.last_audio_at = 0.0
@@ -281,6 +282,13 @@ class StreamController:
             raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"audio pts_ms {chunk.pts_ms} overlaps audio already received "
                                                   f"(received up to {self._ms(self.real_end)} ms)")
         start = max(start, self.real_end)  # absorb the rounding tolerance
+        forced = self._forced_idle_span
+        if forced is not None:
+            # The first audio after an INTERRUPT. The idle block sent at once at the INTERRUPTED pts was not due on
+            # the wall clock: audio stamped inside its span follows it instead of being dropped as late.
+            self._forced_idle_span = None
+            if forced[0] <= start < forced[1]:
+                start = forced[1]
         if self.s.idle_mode == "wait":
             self.anchor = max(self.anchor, self.last_audio_at - start / self.s.sample_rate)
         timeline_end = self.clock_pos + len(self._buf)
@@ -314,6 +322,10 @@ class StreamController:
         self._room.set()
         self.force_idle = True
         self.interrupted_at = self.clock()
+        # The output resumes at the end of the audio received, which may lie far ahead of the wall clock (a client
+        # sending faster than real time): re-anchor the stream clock so that point is now, or idle video would stall
+        # until the wall clock caught up with it.
+        self.t0 = min(self.t0, self.interrupted_at - self.clock_pos / self.s.sample_rate)
         await self._put(self._status(pb.StatusEvent.KIND_INTERRUPTED, "interrupt", pts_ms=self._ms(self.clock_pos),
                                      block_index=self.next_block))
         cut, self.utterances = self.utterances, []  # none of their undelivered audio will be delivered
@@ -383,6 +395,7 @@ class StreamController:
                     # already arrived: it starts at the INTERRUPTED pts and is played, not overwritten with silence.
                     self.force_idle = False
                     if not len(self._buf):
+                        self._forced_idle_span = (self.clock_pos, self.clock_pos + spb)
                         await self._send_block(np.zeros(spb, np.float32), 0)
                         continue
                 if len(self._buf) >= spb:
