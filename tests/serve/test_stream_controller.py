@@ -496,8 +496,10 @@ async def test_after_an_interrupt_new_audio_follows_the_idle_block_and_idle_vide
             assert resume == 4800
             # Re-anchored: the block after the idle one is due one block (+ grace) from now, not ~4.8 s later.
             assert ctl._due_at() - ctl.clock() <= 2 * SPB / SR + 0.1
+            # The client goes on with its own clock: two chunks, contiguous from the INTERRUPTED pts.
             await inbox.put(pb.ClientMessage(audio=pb.AudioChunk(seq=10, pts_ms=resume, pcm=chunks[10])))
-            await wait_until(lambda: ctl.real_end > 10 * SPB, watchdog)
+            await inbox.put(pb.ClientMessage(audio=pb.AudioChunk(seq=11, pts_ms=resume + 480, pcm=chunks[11])))
+            await wait_until(lambda: ctl.real_end > 12 * SPB, watchdog)
             await inbox.put(END_OF_INPUT)
             await inbox.put(None)
             await asyncio.wait_for(reader, GUARD_S)
@@ -506,5 +508,5 @@ async def test_after_an_interrupt_new_audio_follows_the_idle_block_and_idle_vide
             await asyncio.gather(reader, return_exceptions=True)
         watchdog.check()
     after = [(v.pts_ms, v.is_idle) for v in videos(out) if v.pts_ms >= 4800]
-    assert after[:2] == [(4800, True), (5280, False)]
-    assert ctl.counters.audio_samples_late == 0
+    assert after[:3] == [(4800, True), (5280, False), (5760, False)]
+    assert ctl.counters.audio_samples_late == 0 and ctl.counters.audio_samples_received == 12 * SPB

@@ -130,6 +130,7 @@ class StreamController:
         self.end_of_input = False
         self.force_idle = False
         self._forced_idle_span: Optional[tuple] = None  # stream-clock span of the idle block sent at an INTERRUPT
+        self._pts_shift = 0  # samples the server's stream clock is ahead of the client's (INTERRUPT idle blocks)
         self.last_seq = -1
         self.t0 = 0.0
         self.last_audio_at = 0.0
@@ -276,18 +277,21 @@ class StreamController:
         if not len(pcm):
             return  # keep-alive
         self.last_audio_at = self.clock()
-        start = chunk.pts_ms * self.s.sample_rate // 1000
+        # The client's stream clock, plus how far INTERRUPTs moved the server's ahead of it (see below).
+        start = chunk.pts_ms * self.s.sample_rate // 1000 + self._pts_shift
         tol = self.s.sample_rate // 1000
         if start < self.real_end - tol:
             raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"audio pts_ms {chunk.pts_ms} overlaps audio already received "
-                                                  f"(received up to {self._ms(self.real_end)} ms)")
+                                                  f"(received up to {self._ms(self.real_end - self._pts_shift)} ms)")
         start = max(start, self.real_end)  # absorb the rounding tolerance
         forced = self._forced_idle_span
         if forced is not None:
             # The first audio after an INTERRUPT. The idle block sent at once at the INTERRUPTED pts was not due on
-            # the wall clock: audio stamped inside its span follows it instead of being dropped as late.
+            # the wall clock: audio stamped inside its span follows it instead of being dropped as late, and so does
+            # the rest of this client's audio (its clock keeps that offset), so its next chunks stay contiguous.
             self._forced_idle_span = None
             if forced[0] <= start < forced[1]:
+                self._pts_shift += forced[1] - start
                 start = forced[1]
         if self.s.idle_mode == "wait":
             self.anchor = max(self.anchor, self.last_audio_at - start / self.s.sample_rate)
