@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("stream", help="stream a wav through a running server and write an mp4", add_help=False)
     st.set_defaults(func=None)
+    web = sub.add_parser("web", help="serve a web page to talk to an avatar over WebRTC (avatarserve-client[web])",
+                         add_help=False)
+    web.set_defaults(func=None)
     return p
 
 
@@ -168,6 +171,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         from avatarserve_client.cli import run_stream
 
         return int(run_stream(argv[1:]) or 0)
+    if argv and argv[0] == "web":
+        try:
+            from avatarserve_client.web import run_web
+        except ImportError as exc:  # the client's `web` extra is not installed (MissingDependency says so)
+            print(f"avatarserve web: error: {exc}", file=sys.stderr)
+            return 2
+        return int(run_web(argv[1:], prog="avatarserve web") or 0)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
