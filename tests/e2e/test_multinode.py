@@ -99,6 +99,7 @@ def test_stages_on_three_nodes_register_their_own_address_and_match_sequential(m
 
     address, client = multinode
     registry = _registry(client)
+    print("MULTINODE_REGISTRY", json.dumps({d: sorted(a) for d, a in sorted(registry.items())}))
     expected_nodes = {"AudioEncoder": "127.0.0.3", "VaeDecoder": "127.0.0.3",
                       **{f"DenoiseStage{k}": "127.0.0.4" for k in range(4)}}
     assert set(registry) == set(expected_nodes), registry
