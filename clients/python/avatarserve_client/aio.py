@@ -190,6 +190,8 @@ class AsyncSession:
 
         async def feed() -> None:
             try:
+                if realtime:  # pace on the server's stream clock, which starts at STARTED, not at the call
+                    await started.wait()
                 async for item in _aiter(proto.audio_items(audio, realtime, lead_ms)):
                     msg = proto.to_message(item)
                     if proto.is_end_of_input(msg):

@@ -211,6 +211,7 @@ class Session:
                                decode=decode, on_event=on_event)
         self.stats = proto.stats
         stop = threading.Event()
+        started = threading.Event()  # STARTED arrived (or the stream ended): the server's stream clock runs
 
         def requests() -> Iterator[pb.ClientMessage]:
             yield proto.hello()
@@ -223,6 +224,10 @@ class Session:
 
         def feed() -> None:
             try:
+                if realtime:  # pace on the server's stream clock, which starts at STARTED, not at the call
+                    started.wait()
+                    if stop.is_set():
+                        return
                 # stop.wait as the sleep makes pacing interruptible when the stream ends.
                 for item in proto.audio_items(audio, realtime, lead_ms, sleep=stop.wait):
                     if stop.is_set():
@@ -248,6 +253,8 @@ class Session:
                 feeder.start()
             for reply in call:
                 item = proto.receive(reply, time.monotonic())
+                if proto.started:
+                    started.set()
                 if item is not None:
                     yield item
                 if proto.ended:
@@ -257,6 +264,7 @@ class Session:
             raise proto.error_for(exc) from exc
         finally:
             stop.set()
+            started.set()
             queue.abort()
             if not proto.ended:
                 call.cancel()

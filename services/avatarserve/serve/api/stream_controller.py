@@ -71,6 +71,7 @@ class _InFlight:
     is_idle: bool
     sent_at: float
     start: int = 0  # stream-clock sample where the block's span starts
+    anchor: float = 0.0  # the stream's wall-clock anchor when the block was fed (its audio complete)
     pcm: Optional[np.ndarray] = None  # the block's audio, kept only to return it (StreamSettings.return_audio)
     discard: bool = False
 
@@ -361,6 +362,7 @@ class StreamController:
         b = self.next_block
         pts = self._ms(self.clock_pos)
         self.in_flight[b] = _InFlight(pts_ms=pts, is_idle=is_idle, sent_at=self.clock(), start=self.clock_pos,
+                                      anchor=self.anchor,
                                       pcm=pcm.copy() if self.s.return_audio else None)
         if self.first_sent_at is None:
             self.first_sent_at = self.clock()
@@ -517,8 +519,10 @@ class StreamController:
             await self.on_block({"block_index": b, "is_idle": meta.is_idle, "latency_s": now - meta.sent_at,
                                  "pts_ms": meta.pts_ms, "wall_s": now - self.t0, "delivered": True,
                                  "frames": frames, "stamps": item.stamps, "received_ns": received_ns,
-                                 # delivery lag behind the audio span's end on the stream's wall clock
-                                 "lag_s": done - (self.anchor + audio_end_s),
+                                 # delivery lag behind the audio span's end on the stream's wall clock, as anchored
+                                 # when the block's audio was complete (later audio arriving late must not make
+                                 # this block look early)
+                                 "lag_s": done - (meta.anchor + audio_end_s),
                                  # video shown (frames / fps) minus the audio span the chunk was made from
                                  "av_skew_s": frames / self.s.fps - self.s.block_ms / 1000.0})
 
