@@ -30,7 +30,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = ["AppConfig", "ConfigError", "DataPlaneSection", "NODE_IP", "ROLES", "ReplicaTimeouts", "TimeoutsConfig",
-           "format_validation_error", "resolve_redis_url"]
+           "format_validation_error", "ray_actor_options", "resolve_redis_url"]
 
 
 class ConfigError(ValueError):
@@ -243,6 +243,18 @@ class ModelSection(_Strict):
                                        "roles": RoleModels()})
 
 
+def ray_actor_options(num_cpus: float, num_gpus: float, resources: Mapping[str, float],
+                      accelerator_type: Optional[str]) -> Dict[str, Any]:
+    """Ray actor options of a replica: CPUs and GPUs, plus custom resources / accelerator type when set."""
+    out: Dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+    if resources:
+        out["resources"] = dict(resources)
+    if accelerator_type:
+        out["accelerator_type"] = accelerator_type
+    return out
+
+
+
 class ActorResources(_Strict):
     """Ray actor options of one role's replicas: what each reserves and where it may be placed."""
 
@@ -262,12 +274,7 @@ class ActorResources(_Strict):
 
     def actor_options(self) -> Dict[str, Any]:
         """`ray_actor_options` of a replica of this role."""
-        out: Dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
-        if self.resources:
-            out["resources"] = dict(self.resources)
-        if self.accelerator_type:
-            out["accelerator_type"] = self.accelerator_type
-        return out
+        return ray_actor_options(self.num_cpus, self.num_gpus, self.resources, self.accelerator_type)
 
 
 # Roles whose replicas default to less than ActorResources' defaults (light actors: no model).

@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
+from avatarserve.serve.config import ray_actor_options
 from avatarserve.serve.dataplane.transport import StageError, StageHandler
 
 __all__ = ["StageConfigError", "StageSpec", "TimedHandler", "build_handler", "resolve_handler_factory"]
@@ -48,12 +49,7 @@ class StageSpec:
 
     def actor_options(self) -> dict[str, Any]:
         """`ray_actor_options` of one replica of this stage."""
-        out: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
-        if self.resources:
-            out["resources"] = dict(self.resources)
-        if self.accelerator_type:
-            out["accelerator_type"] = self.accelerator_type
-        return out
+        return ray_actor_options(self.num_cpus, self.num_gpus, self.resources, self.accelerator_type)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
