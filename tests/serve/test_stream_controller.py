@@ -328,6 +328,42 @@ def utterance_events(msgs: list[pb.ServerMessage], kind: int) -> list[pb.Utteran
     return [s.utterance for s in statuses(msgs) if s.kind == kind]
 
 
+class LiveStream:
+    """A controller run on a request stream that the test writes into as it goes; replies collect in `out`."""
+
+    def __init__(self, ctl: StreamController) -> None:
+        self.ctl = ctl
+        self.out: list[pb.ServerMessage] = []
+        self._inbox: asyncio.Queue = asyncio.Queue()
+        self._reader: Optional[asyncio.Task] = None
+
+    async def _requests(self) -> AsyncIterator[pb.ClientMessage]:
+        while (m := await self._inbox.get()) is not None:
+            yield m
+
+    async def _read(self) -> None:
+        async for m in self.ctl.run(self._requests()):
+            self.out.append(m)
+
+    async def send(self, *msgs: pb.ClientMessage) -> None:
+        for m in msgs:
+            await self._inbox.put(m)
+
+    async def finish(self) -> None:
+        """END_OF_INPUT, close the request stream, wait for the controller to end."""
+        await self.send(END_OF_INPUT)
+        await self._inbox.put(None)
+        await asyncio.wait_for(self._reader, GUARD_S)
+
+    async def __aenter__(self) -> "LiveStream":
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+
 async def test_block_audio_is_returned_and_utterances_are_reported_in_delivery_order(chain) -> None:
     """return_audio: each chunk carries exactly its span of the client's audio (zeros where none came). Two
     utterances, 1200 ms and 720 ms, sent back to back: each is STARTED right before the chunk holding its first audio
@@ -365,43 +401,26 @@ async def test_an_interrupt_ends_every_undelivered_utterance_with_what_was_playe
     async with LoopWatchdog() as watchdog, PipelineClient() as client:
         pipe = await client.open("sess-int", route)
         ctl = StreamController("sess-int", settings(idle_mode="wait"), pipe)
-        inbox: asyncio.Queue = asyncio.Queue()
-
-        async def live() -> AsyncIterator[pb.ClientMessage]:
-            while (m := await inbox.get()) is not None:
-                yield m
-
-        out: list[pb.ServerMessage] = []
-
-        async def read() -> None:
-            async for m in ctl.run(live()):
-                out.append(m)
-
         chunks = tone_chunks(5)
-        reader = asyncio.create_task(read())
-        try:
-            await inbox.put(audio(0, chunks[0]))
-            await wait_until(lambda: any(m.WhichOneof("kind") == "video" for m in out), watchdog)
-            slow.gate("sess-int")
-            for i in (1, 2):
-                await inbox.put(audio(i, chunks[i]))
-            await inbox.put(END_OF_UTTERANCE)
-            await inbox.put(audio(3, chunks[3]))
-            await wait_until(lambda: ctl.next_block == 4, watchdog)  # blocks 1-3 held in the slow stage
-            await inbox.put(INTERRUPT)
-            await wait_until(lambda: len(utterance_events(out, pb.StatusEvent.KIND_UTTERANCE_ENDED)) == 2, watchdog)
-            slow.release("sess-int")
-            # The output resumes with an idle block at the INTERRUPTED pts (1920 ms); new audio follows it.
-            await wait_until(lambda: ctl.next_block == 5, watchdog)
-            await inbox.put(pb.ClientMessage(audio=pb.AudioChunk(seq=4, pts_ms=2400, pcm=chunks[4])))
-            await inbox.put(END_OF_INPUT)
-            await inbox.put(None)
-            await asyncio.wait_for(reader, GUARD_S)
-        finally:
-            if "sess-int" in slow.gates:
+        async with LiveStream(ctl) as live:
+            out = live.out
+            try:
+                await live.send(audio(0, chunks[0]))
+                await wait_until(lambda: any(m.WhichOneof("kind") == "video" for m in out), watchdog)
+                slow.gate("sess-int")
+                await live.send(audio(1, chunks[1]), audio(2, chunks[2]), END_OF_UTTERANCE, audio(3, chunks[3]))
+                await wait_until(lambda: ctl.next_block == 4, watchdog)  # blocks 1-3 held in the slow stage
+                await live.send(INTERRUPT)
+                await wait_until(lambda: len(utterance_events(out, pb.StatusEvent.KIND_UTTERANCE_ENDED)) == 2,
+                                 watchdog)
                 slow.release("sess-int")
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+                # The output resumes with an idle block at the INTERRUPTED pts (1920 ms); new audio follows it.
+                await wait_until(lambda: ctl.next_block == 5, watchdog)
+                await live.send(pb.ClientMessage(audio=pb.AudioChunk(seq=4, pts_ms=2400, pcm=chunks[4])))
+                await live.finish()
+            finally:
+                if "sess-int" in slow.gates:
+                    slow.release("sess-int")
         watchdog.check()
     kinds = [s.kind for s in statuses(out)]
     at = kinds.index(pb.StatusEvent.KIND_INTERRUPTED)
@@ -426,37 +445,20 @@ async def test_audio_sent_right_after_an_interrupt_is_played_not_overwritten(cha
         ctl = StreamController("sess-int2", settings(idle_mode="wait", max_in_flight=1), pipe)
         slow.gate("sess-int2")
         chunks = tone_chunks(3)
-        inbox: asyncio.Queue = asyncio.Queue()
-
-        async def live() -> AsyncIterator[pb.ClientMessage]:
-            while (m := await inbox.get()) is not None:
-                yield m
-
-        out: list[pb.ServerMessage] = []
-
-        async def read() -> None:
-            async for m in ctl.run(live()):
-                out.append(m)
-
-        reader = asyncio.create_task(read())
-        try:
-            await inbox.put(audio(0, chunks[0]))
-            await inbox.put(audio(1, chunks[1]))
-            await wait_until(lambda: ctl.next_block == 1, watchdog)  # block 0 held; the cap of 1 keeps block 1 out
-            # INTERRUPT and new audio at its pts (480 ms: the end of the audio received) arrive together, while the
-            # feeder is still at the cap and cannot turn the output idle yet.
-            await inbox.put(INTERRUPT)
-            await inbox.put(pb.ClientMessage(audio=pb.AudioChunk(seq=2, pts_ms=960, pcm=chunks[2])))
-            await wait_until(lambda: ctl.real_end == 3 * SPB, watchdog)
-            slow.release("sess-int2")
-            await inbox.put(END_OF_INPUT)
-            await inbox.put(None)
-            await asyncio.wait_for(reader, GUARD_S)
-        finally:
-            if "sess-int2" in slow.gates:
+        async with LiveStream(ctl) as live:
+            out = live.out
+            try:
+                await live.send(audio(0, chunks[0]), audio(1, chunks[1]))
+                await wait_until(lambda: ctl.next_block == 1, watchdog)  # block 0 held; the cap of 1 keeps block 1 out
+                # INTERRUPT and new audio at its pts (the end of the audio received) arrive together, while the
+                # feeder is still at the cap and cannot turn the output idle yet.
+                await live.send(INTERRUPT, pb.ClientMessage(audio=pb.AudioChunk(seq=2, pts_ms=960, pcm=chunks[2])))
+                await wait_until(lambda: ctl.real_end == 3 * SPB, watchdog)
                 slow.release("sess-int2")
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+                await live.finish()
+            finally:
+                if "sess-int2" in slow.gates:
+                    slow.release("sess-int2")
         watchdog.check()
     interrupted = [s for s in statuses(out) if s.kind == pb.StatusEvent.KIND_INTERRUPTED][0]
     got = videos(out)
@@ -472,40 +474,22 @@ async def test_after_an_interrupt_new_audio_follows_the_idle_block_and_idle_vide
     async with LoopWatchdog() as watchdog, PipelineClient() as client:
         pipe = await client.open("sess-int3", route)
         ctl = StreamController("sess-int3", settings(idle_mode="fill", fill_grace_ms=100), pipe)
-        inbox: asyncio.Queue = asyncio.Queue()
-
-        async def live() -> AsyncIterator[pb.ClientMessage]:
-            while (m := await inbox.get()) is not None:
-                yield m
-
-        out: list[pb.ServerMessage] = []
-
-        async def read() -> None:
-            async for m in ctl.run(live()):
-                out.append(m)
-
         chunks = tone_chunks(12)
-        reader = asyncio.create_task(read())
-        try:
-            for i in range(10):  # 4.8 s of speech at once
-                await inbox.put(audio(i, chunks[i]))
+        async with LiveStream(ctl) as live:
+            out = live.out
+            await live.send(*(audio(i, chunks[i]) for i in range(10)))  # 4.8 s of speech at once
             await wait_until(lambda: ctl.real_end == 10 * SPB, watchdog)
-            await inbox.put(INTERRUPT)
+            await live.send(INTERRUPT)
             await wait_until(lambda: ctl._forced_idle_span is not None, watchdog)  # the idle block went out
             resume = [s for s in statuses(out) if s.kind == pb.StatusEvent.KIND_INTERRUPTED][0].pts_ms
             assert resume == 4800
             # Re-anchored: the block after the idle one is due one block (+ grace) from now, not ~4.8 s later.
             assert ctl._due_at() - ctl.clock() <= 2 * SPB / SR + 0.1
             # The client goes on with its own clock: two chunks, contiguous from the INTERRUPTED pts.
-            await inbox.put(pb.ClientMessage(audio=pb.AudioChunk(seq=10, pts_ms=resume, pcm=chunks[10])))
-            await inbox.put(pb.ClientMessage(audio=pb.AudioChunk(seq=11, pts_ms=resume + 480, pcm=chunks[11])))
+            await live.send(pb.ClientMessage(audio=pb.AudioChunk(seq=10, pts_ms=resume, pcm=chunks[10])),
+                            pb.ClientMessage(audio=pb.AudioChunk(seq=11, pts_ms=resume + 480, pcm=chunks[11])))
             await wait_until(lambda: ctl.real_end > 12 * SPB, watchdog)
-            await inbox.put(END_OF_INPUT)
-            await inbox.put(None)
-            await asyncio.wait_for(reader, GUARD_S)
-        finally:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+            await live.finish()
         watchdog.check()
     after = [(v.pts_ms, v.is_idle) for v in videos(out) if v.pts_ms >= 4800]
     assert after[:3] == [(4800, True), (5280, False), (5760, False)]
