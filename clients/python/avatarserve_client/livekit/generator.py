@@ -162,7 +162,6 @@ class AvatarServeVideoGenerator(VideoGenerator, rtc.EventEmitter[Literal["playba
         self._resampler_rate = 0
         self._stamp_seq = 0  # next AudioChunk seq
         self._stamp_end = 0  # stream-clock sample where the audio sent so far ends
-        self._stamp_floor = 0  # no audio before this sample (after an INTERRUPT)
         self._cuts_pending = 0  # INTERRUPTs sent whose INTERRUPTED event has not come back yet
         self._clear_epoch = 0
         self.last_media: MediaInfo | None = None
@@ -277,8 +276,7 @@ class AvatarServeVideoGenerator(VideoGenerator, rtc.EventEmitter[Literal["playba
         """The SDK's audio iterable. An item yielded here is on its way to the server (the SDK only drops queued
         audio on its own interrupt(), which is not used), so a segment's server index is fixed when its first audio
         is yielded. Audio is paced: it goes out at most `lead_ms` ahead of the live stream clock (what the API asks
-        of live clients; the server jumps its clock to the end of the received audio on INTERRUPT, so audio sent far
-        ahead would hold the idle video back that long after an interruption)."""
+        of live clients: a client far ahead makes the server buffer what an interruption then throws away)."""
         chunk_samples = MAX_CHUNK_MS * SAMPLE_RATE // 1000
         while (item := await self._feed_q.peek()) is not None:
             kind = item[0]
@@ -308,10 +306,7 @@ class AvatarServeVideoGenerator(VideoGenerator, rtc.EventEmitter[Literal["playba
                     self._report()
                     continue
                 yield StreamMarker.END_OF_UTTERANCE
-            else:
-                # The server answers INTERRUPT with one idle block right where the received audio ended; audio stamped
-                # inside that block would be dropped as late, so the next audio goes after it.
-                self._stamp_floor = self._stamp_end + self.geometry.samples_per_block
+            else:  # the server places audio stamped inside its post-INTERRUPT idle block right after that block
                 yield StreamMarker.INTERRUPT
 
     def _live_sample(self) -> int:
@@ -321,8 +316,8 @@ class AvatarServeVideoGenerator(VideoGenerator, rtc.EventEmitter[Literal["playba
 
     def _next_start(self) -> int:
         """Where the next audio chunk goes on the stream clock: right after the audio sent so far, but never in the
-        past of the live stream (the SDK's rule for arrays) nor inside the idle block an INTERRUPT makes."""
-        start = max(self._stamp_end, self._live_sample(), self._stamp_floor)
+        past of the live stream (the SDK's rule for arrays)."""
+        start = max(self._stamp_end, self._live_sample())
         if start > self._stamp_end:  # a jump: start on a whole millisecond (pts_ms is in ms)
             start = -(-start // (SAMPLE_RATE // 1000)) * (SAMPLE_RATE // 1000)
         # else right after the previous chunk: pts_ms rounds down and the server places it at the end of what it got
