@@ -94,8 +94,19 @@ class AudioEncoderRunner:
         self.stream = stream
         self.sessions = _Registry("audio encoder")
 
-    def create(self, session_id: str) -> None:
-        self.sessions.add(session_id, _AudioSession(state=self.extractor.new_stream_state()))
+    def create(self, session_id: str, start_block: int = 0) -> None:
+        """A new audio stream; `start_block` > 0 rebuilds a session mid-stream: its audio starts at that block's
+        first sample (without the left context earlier audio would have given)."""
+        _check_start(start_block)
+        state = self.extractor.new_stream_state()
+        first_sample = start_block * self.stream.samples_per_block
+        if first_sample:
+            # The audio before the resume point is gone: its left context is silence.
+            context = min(state.left_context_samples, first_sample)
+            state.buffer = np.zeros(context, dtype=np.float32)
+            state.buffer_start = first_sample - context
+            state.min_block = start_block
+        self.sessions.add(session_id, _AudioSession(state=state, received=first_sample, next_block=start_block))
 
     def push(self, session_id: str, pcm: np.ndarray) -> int:
         """Append float32 mono PCM at the stream's sample rate; returns the number of complete blocks ready."""
@@ -183,13 +194,20 @@ class StageRunner:
     def is_last(self) -> bool:
         return self.step_index == self.schedule.num_steps - 1
 
-    def create(self, session_id: str, sink: SinkState) -> None:
+    def create(self, session_id: str, sink: SinkState, start_block: int = 0) -> None:
+        """A session's state at this step. `start_block` > 0 rebuilds a session mid-stream (a replacement replica):
+        its KV window starts empty at that block and fills as blocks arrive."""
+        _check_start(start_block)
         st = self.stream
         cache = self.model.new_cache(st.latent_height, st.latent_width, st.latent_frames_per_block, st.window_blocks)
         with torch.no_grad():
             text = self.model.embed_text(sink.text.to(self.model.device))
-        sess = _StageSession(cache=cache, sink=sink, text=text)
-        self._prefill(sess, sink.reference, version=0)
+        sess = _StageSession(cache=cache, sink=sink, text=text, next_block=start_block)
+        needs_aas = st.adaptive_sink and start_block >= st.aas_after_blocks and sink.aas_latent is None
+        # Without the adaptive-sink latent yet, prefill the reference; `step` re-prefills once it arrives.
+        reference, version = (sink.reference, 0) if needs_aas else sink.reference_for_block(start_block, st)
+        self._prefill(sess, reference, version=version)
+        cache.start_at(start_block)
         self.sessions.add(session_id, sess)
 
     def _prefill(self, sess: _StageSession, reference: torch.Tensor, version: int) -> None:
@@ -267,13 +285,16 @@ class DecoderRunner:
         return prepare_sink(self.vae, image, text, seed, self.stream, self.motion_frames)
 
     @torch.no_grad()
-    def create(self, session_id: str, sink: SinkState) -> None:
+    def create(self, session_id: str, sink: SinkState, start_block: int = 0) -> None:
+        """A decode stream; `start_block` > 0 rebuilds one mid-stream (warmed on the reference like a new one; the
+        blocks replayed before the resume point bring its causal cache up to date)."""
+        _check_start(start_block)
         state = self.vae.new_decode_state()
         # Warm the causal decoder on the reference's motion latents (as upstream does before block 0), so
         # block 0 is decoded as a continuation and yields the full 4 frames per latent.
         if self.warmup_latents > 0:
             self.vae.decode_stream(state, sink.motion[:, :, : self.warmup_latents])
-        self.sessions.add(session_id, _DecoderSession(state=state))
+        self.sessions.add(session_id, _DecoderSession(state=state, next_block=start_block))
 
     @torch.no_grad()
     def decode(self, payload: BlockPayload) -> np.ndarray:
@@ -290,6 +311,11 @@ class DecoderRunner:
 
     def close(self, session_id: str) -> None:
         self.sessions.pop(session_id)
+
+
+def _check_start(start_block: int) -> None:
+    if not isinstance(start_block, int) or isinstance(start_block, bool) or start_block < 0:
+        raise InvalidInput(f"start_block must be an int >= 0, got {start_block!r}")
 
 
 def to_uint8_frames(frames: torch.Tensor) -> np.ndarray:

@@ -69,6 +69,7 @@ class KVCache:
         ]
         self.cond_len = 0  # valid sink tokens (0 until the sink prefill)
         self.blocks_written = 0  # highest block index written + 1
+        self.first_block = 0  # the first block this cache holds (> 0 for a session resumed mid-stream)
         self.sink_version = -1  # which sink (reference / AAS) the cond cache holds
 
     # ----- geometry -------------------------------------------------------------------------------------------
@@ -90,11 +91,27 @@ class KVCache:
         s = (block_index % self.window_blocks) * self.block_tokens
         return slice(s, s + self.block_tokens)
 
+    def start_at(self, block_index: int) -> None:
+        """Start an empty window at `block_index` (a session rebuilt mid-stream): blocks before it are not held, and
+        attention covers only the blocks written since."""
+        if block_index < 0:
+            raise CacheError(f"block index {block_index} is negative")
+        if self.blocks_written > self.first_block:
+            raise CacheError("start_at needs an empty window (reset the cache first)")
+        self.first_block = self.blocks_written = block_index
+
+    def _valid_slots(self, block_index: int) -> List[int]:
+        """Ring slots of the blocks in the window that ends with `block_index` (that block included)."""
+        first = max(self.first_block, block_index - self.window_blocks + 1)
+        return [b % self.window_blocks for b in range(first, block_index + 1)]
+
     def check_block(self, block_index: int) -> None:
         if self.cond_len == 0:
             raise CacheError("the sink (cond) cache is empty: prefill the sink before streaming blocks")
         if block_index < 0:
             raise CacheError(f"block index {block_index} is negative")
+        if block_index < self.first_block:
+            raise CacheError(f"block {block_index} is before the first block this cache holds ({self.first_block})")
         if block_index > self.blocks_written:
             raise CacheError(
                 f"block {block_index} skips ahead: this cache has written blocks up to {self.blocks_written - 1}")
@@ -120,16 +137,25 @@ class KVCache:
         """
         lk = self.layers[layer]
         sl = self.slot(block_index)
-        valid_blocks = min(block_index + 1, self.window_blocks)
+        bt = self.block_tokens
+        if self.first_block == 0 or block_index - self.first_block + 1 >= self.window_blocks:
+            # The window holds slots 0..valid-1 (a stream from block 0, or a full ring): contiguous views.
+            valid = list(range(min(block_index + 1, self.window_blocks)))
+        else:
+            valid = self._valid_slots(block_index)
+        contiguous = valid == list(range(len(valid)))
         if write:
             lk.k[:, sl].copy_(k)
             lk.v[:, sl].copy_(v)
-            n = valid_blocks * self.block_tokens
-            return lk.k[:, :n], lk.v[:, :n]
+            if contiguous:
+                n = len(valid) * bt
+                return lk.k[:, :n], lk.v[:, :n]
+            return (torch.cat([lk.k[:, i * bt:(i + 1) * bt] for i in valid], dim=1),
+                    torch.cat([lk.v[:, i * bt:(i + 1) * bt] for i in valid], dim=1))
         # read-only: the stored blocks of the window except the slot this block would overwrite, plus this block.
-        keep = [i for i in range(valid_blocks) if i != block_index % self.window_blocks]
-        ks = [lk.k[:, i * self.block_tokens:(i + 1) * self.block_tokens] for i in keep] + [k]
-        vs = [lk.v[:, i * self.block_tokens:(i + 1) * self.block_tokens] for i in keep] + [v]
+        keep = [i for i in valid if i != block_index % self.window_blocks]
+        ks = [lk.k[:, i * bt:(i + 1) * bt] for i in keep] + [k]
+        vs = [lk.v[:, i * bt:(i + 1) * bt] for i in keep] + [v]
         return torch.cat(ks, dim=1), torch.cat(vs, dim=1)
 
     def mark_block_written(self, block_index: int) -> None:
@@ -141,6 +167,7 @@ class KVCache:
                 t.zero_()
         self.cond_len = 0
         self.blocks_written = 0
+        self.first_block = 0
         self.sink_version = -1
 
 
