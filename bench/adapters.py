@@ -95,6 +95,8 @@ class LocalCluster:
         if up.returncode != 0:
             raise SystemExit(f"avatarserve up failed:\n{up.stderr[-3000:]}")
         self.info = json.loads(up.stdout.strip().splitlines()[-1])
+        if self.info.get("api_key_file"):  # the SDK and every adapter read AVATARSERVE_API_KEY
+            os.environ["AVATARSERVE_API_KEY"] = Path(self.info["api_key_file"]).read_text().strip()
         return self
 
     def __exit__(self, *exc: Any) -> None:

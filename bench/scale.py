@@ -97,7 +97,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                    "capacity": dict.fromkeys(("audio", "denoise", "vae"), args.capacity),
                    "autoscaling": {"enabled": True, "min_replicas": dict.fromkeys(("audio", "denoise", "vae"), 1),
                                    "max_replicas": dict.fromkeys(("audio", "denoise", "vae"), 1)},
-                   "timeouts": {"admission_wait_s": 30.0}, "retry_after_ms": args.retry_after_ms, "ops": {"enabled": False}}
+                   "timeouts": {"admission_wait_s": 30.0}, "retry_after_ms": args.retry_after_ms, "ops": {"enabled": False},
+                   "auth": {"mode": "disabled"}}
             deploy(cfg)
             out["startup_s"] = round(time.monotonic() - t0, 1)
             _log(f"cluster up in {out['startup_s']} s; saturating {args.capacity} session slot(s)")

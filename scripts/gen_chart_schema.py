@@ -142,6 +142,7 @@ def chart_schema() -> Dict[str, Any]:
             "redis": _closed({
                 "enabled": BOOL,
                 "url": {"type": "string", "pattern": r"^(rediss?://.*)?$"},
+                "appendOnly": BOOL,
                 "auth": _closed({"enabled": BOOL, "existingSecret": STR, "existingSecretPasswordKey": STR,
                                  "password": STR}),
                 "image": _closed({"repository": STR, "tag": STR, "pullPolicy": {"$ref": "#/$defs/pullPolicy"}}),
@@ -159,6 +160,8 @@ def chart_schema() -> Dict[str, Any]:
                                        "metricRelabelings": LIST_OF_OBJ}),
                 "grafanaDashboard": _closed({"enabled": BOOL, "labels": STR_MAP, "annotations": STR_MAP}),
             }),
+            "apiKeys": _closed({"existingSecret": STR, "secretKey": {"type": "string", "minLength": 1},
+                                "mountPath": {"type": "string", "pattern": "^/"}}),
             "ingress": _closed({
                 "enabled": BOOL, "className": STR, "annotations": STR_MAP, "host": STR,
                 "path": {"type": "string", "pattern": "^/"},

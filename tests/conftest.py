@@ -31,8 +31,8 @@ from avatarserve.serve.dataplane.transport import TransportOptions
 # Servicer adders for the Serve gRPC proxy (module:function strings). One Serve instance per test session
 # serves the public API, so it is registered from the start (gRPC options cannot change while Serve runs).
 SERVE_GRPC_SERVICER_FUNCTIONS: list[str] = [
-    "avatarserve_client.v1.avatar_service_pb2_grpc.add_AvatarServiceServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+    "avatarserve.serve.api.grpc_service.add_AvatarServiceServicer_to_server",  # tolerant parsing (INVALID_ARGUMENT)
+    "avatarserve.serve.api.grpc_service.add_HealthServicer_to_server",
 ]
 
 

@@ -3,7 +3,9 @@
   avatarserve model-info --config NAME [--height H --width W] --json
   avatarserve generate [--config toy] --image IMG --audio WAV --out OUT.mp4 --seed N [--checkpoint DIR]
   avatarserve up [--config deploy/local.yaml] / avatarserve down
-  avatarserve stream --server ADDR --image IMG --audio WAV --out OUT.mp4 [--realtime]
+  avatarserve stream --server ADDR --image IMG --audio WAV --out OUT.mp4 [--realtime] [--api-key K] [--ca-cert F]
+  avatarserve keys create [--name N] [--max-sessions N] [--session-seconds-per-hour S] / keys list / keys revoke ID
+  avatarserve tls-front --upstream HOST:PORT --cert CERT --key KEY [--port P]
 
 Heavy imports (torch, Ray, gRPC) happen inside the subcommands so `--help` is instant.
 """
@@ -120,6 +122,84 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_store(args: argparse.Namespace):
+    """(ApiKeyStore on the cluster's Redis, where) from --redis-url / REDIS_URL / the local cluster's state file."""
+    import os
+
+    from .serve.config import resolve_redis_url
+    from .serve.control.api_keys import ApiKeyStore
+    from .serve.ops.launcher import ClusterState, LauncherError, load_config
+
+    namespace, url = args.namespace, args.redis_url
+    if args.config:
+        app = load_config(args.config)["app"]
+        namespace = namespace or app.namespace
+        url = url or app.redis_url
+    url = url or os.environ.get("REDIS_URL")
+    if not url:
+        state = ClusterState.load()
+        if state is None:
+            raise LauncherError("no Redis to keep keys in: pass --redis-url, set REDIS_URL, or start a local cluster "
+                                "(`avatarserve up`)")
+        url = state.redis_url
+    return ApiKeyStore.from_url(resolve_redis_url(url), namespace=namespace or "avatarserve:"), namespace
+
+
+def _keys(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .serve.control.api_keys import KeysFile, QuotaLimits, make_record
+
+    period = args.period_s if getattr(args, "period_s", None) else None
+    if args.keys_cmd == "create":
+        seconds = args.session_seconds
+        if args.session_seconds_per_hour is not None:
+            seconds, period = args.session_seconds_per_hour, 3600.0
+        limits = QuotaLimits(args.max_sessions, seconds, period)
+    if args.keys_cmd == "create" and args.keys_file:
+        rec, key = make_record(args.name, limits, source="file")
+        KeysFile(args.keys_file).append(rec)
+        print(json.dumps({**rec.public(), "api_key": key, "keys_file": args.keys_file}))
+        print("avatarserve keys: the key is shown only now; only its hash is in the keys file", file=sys.stderr)
+        return 0
+    if args.keys_cmd == "revoke" and args.keys_file:
+        print(json.dumps({**KeysFile(args.keys_file).revoke(args.key_id).public()}))
+        return 0
+
+    async def run() -> int:
+        store, _ = _keys_store(args)
+        if args.keys_file:
+            store.file = KeysFile(args.keys_file)
+        try:
+            if args.keys_cmd == "create":
+                rec, key = await store.create(args.name, limits)
+                print(json.dumps({**rec.public(), "api_key": key}))
+                print("avatarserve keys: the key is shown only now; only its hash is stored", file=sys.stderr)
+            elif args.keys_cmd == "revoke":
+                print(json.dumps((await store.revoke(args.key_id)).public()))
+            else:
+                rows = []
+                for rec in await store.list():
+                    period_s = rec.limits.period_s or args.default_period_s
+                    rows.append({**rec.public(), "open_sessions": await store.open_sessions(rec.key_id),
+                                 "used_session_seconds": round(await store.usage(rec.key_id, period_s), 3),
+                                 "usage_period_s": period_s})
+                if args.json:
+                    print(json.dumps(rows))
+                else:
+                    cols = ("key_id", "name", "source", "revoked", "max_sessions", "session_seconds", "usage_period_s",
+                            "open_sessions", "used_session_seconds")
+                    table = [cols] + [tuple("-" if r[c] is None else str(r[c]) for c in cols) for r in rows]
+                    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+                    for row in table:
+                        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+            return 0
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="avatarserve", description="Real-time audio-driven avatar video serving")
     sub = p.add_subparsers(dest="command", required=True)
@@ -151,6 +231,39 @@ def build_parser() -> argparse.ArgumentParser:
     down = sub.add_parser("down", help="stop exactly what `avatarserve up` started")
     down.set_defaults(func=lambda a: _launcher("down", a))
 
+    keys = sub.add_parser("keys", help="API keys: create (the plain key is printed once), list, revoke")
+    keys_sub = keys.add_subparsers(dest="keys_cmd", required=True)
+    for name, help_ in (("create", "create a key (stored hashed) and print it once"),
+                        ("list", "ids, names, limits and usage of every key (never the keys)"),
+                        ("revoke", "revoke a key: CreateSession with it fails with PERMISSION_DENIED")):
+        kp = keys_sub.add_parser(name, help=help_)
+        kp.add_argument("--redis-url", default=None, help="Redis of the cluster (default: REDIS_URL, else the local "
+                                                          "cluster's); a password can come from REDIS_PASSWORD")
+        kp.add_argument("--namespace", default=None, help="the application's key prefix (app.namespace; default "
+                                                          "the --config file's, else avatarserve:)")
+        kp.add_argument("--config", default=None, help="deployment YAML to read app.namespace / app.redis_url from")
+        kp.add_argument("--keys-file", default=None, help="work on this keys file (auth.keys_file, e.g. the "
+                                                          "content of a Kubernetes Secret) instead of Redis")
+        if name == "create":
+            kp.add_argument("--name", default="", help="a label shown by `keys list`")
+            kp.add_argument("--max-sessions", type=int, default=None, help="concurrent open sessions")
+            kp.add_argument("--session-seconds-per-hour", type=float, default=None,
+                            help="streaming seconds per hour (the period is then 3600 s)")
+            kp.add_argument("--session-seconds", type=float, default=None,
+                            help="streaming seconds per --period-s (default period: the app's auth.quota_period_s)")
+            kp.add_argument("--period-s", type=float, default=None, help="this key's quota period")
+        elif name == "revoke":
+            kp.add_argument("key_id", help="the key's id (from `keys create` / `keys list`)")
+        else:
+            kp.add_argument("--json", action="store_true", help="one JSON list instead of a table")
+            kp.add_argument("--default-period-s", type=float, default=3600.0,
+                            help="period of the usage shown for keys without their own (the app's "
+                                 "auth.quota_period_s)")
+    keys.set_defaults(func=_keys)
+
+    tf = sub.add_parser("tls-front", help="TLS-terminating gRPC front for the Serve gRPC proxy", add_help=False)
+    tf.set_defaults(func=None)
+
     st = sub.add_parser("stream", help="stream a wav through a running server and write an mp4", add_help=False)
     st.set_defaults(func=None)
     web = sub.add_parser("web", help="serve a web page to talk to an avatar over WebRTC (avatarserve-client[web])",
@@ -170,7 +283,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv and argv[0] == "stream":
         from avatarserve_client.cli import run_stream
 
-        return int(run_stream(argv[1:]) or 0)
+        return int(run_stream(_with_launcher_key(argv[1:])) or 0)
+    if argv and argv[0] == "tls-front":
+        from .serve.api.tls_front import main as tls_front_main
+
+        return int(tls_front_main(argv[1:]) or 0)
     if argv and argv[0] == "web":
         try:
             from avatarserve_client.web import run_web
@@ -188,6 +305,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
 
 
+def _with_launcher_key(argv: List[str]) -> List[str]:
+    """`avatarserve stream` without --api-key / --api-key-file / AVATARSERVE_API_KEY: the key `avatarserve up` wrote
+    into its state folder, when there is one."""
+    import os
+
+    if any(a.startswith(("--api-key", "--api-key-file")) for a in argv) or os.environ.get("AVATARSERVE_API_KEY"):
+        return argv
+    try:
+        from .serve.ops.launcher import API_KEY_FILE, STATE_DIR
+    except ImportError:  # serving extras missing
+        return argv
+    key_file = STATE_DIR / API_KEY_FILE
+    return [*argv, "--api-key-file", str(key_file)] if key_file.exists() else argv
+
+
 def _is_user_error(exc: BaseException) -> bool:
     from .engine.errors import EngineError
     from .model.checkpoint import CheckpointError
@@ -198,9 +330,10 @@ def _is_user_error(exc: BaseException) -> bool:
 
     known: tuple = (EngineError, CheckpointError, ConfigError, ModelInputError, FileNotFoundError, AvatarServeError)
     try:
+        from .serve.control.api_keys import ApiKeyError
         from .serve.ops.launcher import LauncherError
 
-        known += (LauncherError,)
+        known += (LauncherError, ApiKeyError)
     except ImportError:  # serving extras missing: the model CLI still works
         pass
     return isinstance(exc, known)

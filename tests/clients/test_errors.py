@@ -27,7 +27,7 @@ class _RpcError(grpc.RpcError):
     (grpc.StatusCode.OUT_OF_RANGE, E.InvalidArgument),
     (grpc.StatusCode.NOT_FOUND, E.SessionNotFound),
     (grpc.StatusCode.PERMISSION_DENIED, E.PermissionDenied),
-    (grpc.StatusCode.UNAUTHENTICATED, E.PermissionDenied),
+    (grpc.StatusCode.UNAUTHENTICATED, E.Unauthenticated),
     (grpc.StatusCode.RESOURCE_EXHAUSTED, E.CapacityExhausted),
     (grpc.StatusCode.FAILED_PRECONDITION, E.FailedPrecondition),
     (grpc.StatusCode.ABORTED, E.FailedPrecondition),

@@ -10,6 +10,7 @@ ports (values `serve.grpcPort` / `serve.httpPort`) and the HTTP proxy binds the 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -82,7 +83,14 @@ def test_rendered_cpu_profile_serves_a_session(tmp_path, password_redis):
 
         pcm, rate = soundfile.read(demo["audio"], dtype="int16")
         image = open(demo["image"], "rb").read()
-        with AvatarClient(address, application="avatarserve", timeout=300) as c:
+        # The chart's app requires API keys (the default): an operator's key in the cluster's Redis, made the
+        # documented way (REDIS_URL + REDIS_PASSWORD, as on the head pod).
+        made = subprocess.run([sys.executable, "-m", "avatarserve.cli", "keys", "create", "--name", "chart-live",
+                               "--namespace", r.app_args.get("namespace", "avatarserve:")],
+                              env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+        assert made.returncode == 0, made.stderr
+        api_key = json.loads(made.stdout)["api_key"]
+        with AvatarClient(address, application="avatarserve", timeout=300, api_key=api_key) as c:
             with c.session(image, "a face", seed=5, formats=("jpeg",), jpeg_quality=QUALITY,
                            idle_mode="wait_for_audio") as s:
                 blocks = list(s.stream(chunk_pcm(pcm, chunk_ms=100, sample_rate=rate), decode=False, timeout=900))

@@ -67,7 +67,7 @@ def multinode(tmp_path_factory, password_redis):
            "REDIS_PASSWORD": REDIS_PASSWORD}
     nodes = LocalRayNodes(NODES, tmp_path_factory.mktemp("multinode"), env=env).start()
     grpc_port, http_port = free_port(), free_port()
-    app = {"model": {"config": "tiny", "seed": 0}, "namespace": "mn:",
+    app = {"model": {"config": "tiny", "seed": 0}, "namespace": "mn:", "auth": {"mode": "disabled"},
            "data_plane": {"port_min": PORTS[0], "port_max": PORTS[1]},
            "resources": {role: {"num_cpus": 0.1, "resources": {node: 1}} for role, node in PLACEMENT.items()},
            "timeouts": {"session_drain_s": 5}}

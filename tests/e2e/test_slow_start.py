@@ -75,7 +75,8 @@ def test_stream_outlives_session_ttl_and_every_key_expires(slow_cluster):
     image = Path(demo["image"]).read_bytes()
     r = redis.Redis.from_url(info["redis_url"])
     try:
-        with AvatarClient(info["grpc_address"], application="avatarserve", timeout=300) as client:
+        with AvatarClient(info["grpc_address"], application="avatarserve", timeout=300,
+                          api_key=Path(info["api_key_file"]).read_text().strip()) as client:
             with client.session(image, seed=0) as s:
                 blocks = [b for b in s.stream(chunk_pcm(tone, chunk_ms=240), realtime=True, timeout=600)
                           if isinstance(b, VideoBlock)]

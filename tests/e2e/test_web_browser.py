@@ -73,8 +73,12 @@ def toy_cluster(tmp_path_factory):
     up = _cli(["up", "--config", "deploy/local.yaml"], env, CLUSTER_UP_TIMEOUT_S)
     try:
         assert up.returncode == 0, up.stderr[-3000:]
-        yield json.loads(up.stdout.strip().splitlines()[-1])["grpc_address"]
+        info = json.loads(up.stdout.strip().splitlines()[-1])
+        # the launcher's API key, for the web page's SDK client (it reads AVATARSERVE_API_KEY)
+        os.environ["AVATARSERVE_API_KEY"] = Path(info["api_key_file"]).read_text().strip()
+        yield info["grpc_address"]
     finally:
+        os.environ.pop("AVATARSERVE_API_KEY", None)
         down = _cli(["down"], env, 180)
         assert down.returncode == 0, down.stderr[-2000:]
 

@@ -19,6 +19,16 @@ def png(seed: int, size=(80, 96)) -> bytes:
     return buf.getvalue()
 
 
+def speech(blocks: int, seed: int) -> np.ndarray:
+    """Speech-like int16 PCM of exactly `blocks` blocks (tiny config: 7680 samples per block)."""
+    rng = np.random.default_rng(seed)
+    n = blocks * 7680
+    t = np.arange(n) / 16000
+    env = (np.sin(2 * np.pi * (2 + seed) * t) > 0).astype(np.float32)
+    x = 0.3 * env * np.sin(2 * np.pi * 180 * t) + 0.02 * rng.standard_normal(n)
+    return (np.clip(x, -1, 1) * 32767).astype(np.int16)
+
+
 @pytest.fixture(scope="session")
 def cluster(serve_instance, redis_server):
     """gRPC address of a running AvatarServe app (tiny model) on the test session's Ray cluster."""
@@ -30,8 +40,11 @@ def cluster(serve_instance, redis_server):
 
     cfg = {"redis_url": redis_server.url, "namespace": "itest:", "registry_namespace": "itest:",
            "model": {"config": "tiny", "seed": 0},
+           "auth": {"mode": "disabled"},  # not about API keys (tests/integration/test_auth.py deploys its own app)
            # Teardown (serve.delete) waits for the stage replicas: a short drain keeps it within Serve's wait.
-           "timeouts": {"session_drain_s": 30}}
+           "timeouts": {"session_drain_s": 30,
+                        # sessions past their idle timeout close within a second (test_contract.py)
+                        "idle_sweep_s": 1.0}}
     serve.run(build_app(cfg), name=APP, route_prefix="/avatarserve", blocking=False)
     wait_running([APP], redis_server.url, "itest:")  # no time limit: a busy machine loads slowly, it does not fail
     wait_grpc_healthy(serve_instance.grpc_address, timeout=300)

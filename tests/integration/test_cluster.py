@@ -18,19 +18,9 @@ from avatarserve.serve.dataplane.media import encode_jpeg_frames
 
 pytestmark = pytest.mark.integration
 
-from .conftest import APP, png as _png
+from .conftest import APP, png as _png, speech as _speech
 
 QUALITY = 90
-
-
-def _speech(blocks: int, seed: int) -> np.ndarray:
-    """int16 PCM of exactly `blocks` blocks (tiny config: 7680 samples per block)."""
-    rng = np.random.default_rng(seed)
-    n = blocks * 7680
-    t = np.arange(n) / 16000
-    env = (np.sin(2 * np.pi * (2 + seed) * t) > 0).astype(np.float32)
-    x = 0.3 * env * np.sin(2 * np.pi * 180 * t) + 0.02 * rng.standard_normal(n)
-    return (np.clip(x, -1, 1) * 32767).astype(np.int16)
 
 
 @pytest.fixture(scope="module")

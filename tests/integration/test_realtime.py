@@ -248,7 +248,7 @@ def test_idle_timeout_with_blocks_in_flight_does_not_freeze_the_gateway(cluster)
     # A: ended by its idle timeout, after every block it had in flight or buffered
     a_events = [x for x in a_items if not isinstance(x, VideoBlock)]
     a_blocks = [x for x in a_items if isinstance(x, VideoBlock)]
-    assert a_events[-1].kind == EventKind.END_OF_STREAM and a_events[-1].message == "idle_timeout", a_events[-3:]
+    assert a_events[-1].kind == EventKind.END_OF_STREAM and a_events[-1].code == "idle_timeout", a_events[-3:]
     assert [blk.pts_ms for blk in a_blocks] == [480 * i for i in range(len(a_blocks))]
     assert len(a_blocks) == a_events[-1].counters.blocks_delivered >= 8
     # the gateway kept answering unary RPCs

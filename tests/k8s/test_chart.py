@@ -224,6 +224,34 @@ def test_redis_reaches_every_ray_container_from_the_secret(profile):
     assert r.get("Service", f"{RELEASE}-redis")["spec"]["ports"][0]["port"] == 6379
 
 
+def _redis_args(values=None):
+    args = render("cpu", values).get("StatefulSet", f"{RELEASE}-redis")["spec"]["template"]["spec"]["containers"][0]["args"]
+    return {a: args[i + 1] for i, a in enumerate(args[:-1]) if a.startswith("--")}
+
+
+def test_redis_keeps_its_data_across_restarts_by_default():
+    """AOF on by default (with or without a PVC): a restarted Redis keeps every session (README: Redis outages)."""
+    assert _redis_args()["--appendonly"] == "yes" and _redis_args()["--dir"] == "/data"
+    assert _redis_args({"redis": {"persistence": {"enabled": True}}})["--appendonly"] == "yes"
+    off = _redis_args({"redis": {"appendOnly": False}})
+    assert off["--appendonly"] == "no" and off["--save"] == ""
+
+
+@pytest.mark.parametrize("profile", ALL_PROFILES)
+def test_api_keys_file_from_a_secret(profile):
+    r = render(profile, {"apiKeys": {"existingSecret": "avatar-keys"}})
+    assert r.app_args["auth"]["keys_file"] == "/etc/avatarserve/api-keys/keys.jsonl"
+    assert _app_config().parse(r.app_args).auth.mode == "required"
+    for name, group in r.groups().items():
+        mounts = {m["name"]: m for m in r.container(name)["volumeMounts"]}
+        assert mounts["api-keys"] == {"name": "api-keys", "mountPath": "/etc/avatarserve/api-keys", "readOnly": True}
+        volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
+        assert volumes["api-keys"]["secret"] == {"secretName": "avatar-keys"}
+    plain = render(profile)  # no Secret: no keys file, auth stays required (keys in Redis)
+    assert "keys_file" not in plain.app_args.get("auth", {})
+    assert _app_config().parse(plain.app_args).auth.mode == "required"
+
+
 def test_gcs_fault_tolerance_uses_the_same_redis_and_secret():
     r = render("cpu", {"gcsFaultTolerance": {"enabled": True}})
     ft = r.cluster["gcsFaultToleranceOptions"]

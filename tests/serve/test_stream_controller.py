@@ -23,7 +23,8 @@ import pytest
 
 from avatarserve.serve.dataplane.stage_host import StageHost, StageHostConfig
 from avatarserve.serve.api.errors import ApiError
-from avatarserve.serve.api.stream_controller import StreamController, StreamSettings
+from avatarserve.serve.api.grpc_service import MalformedMessage
+from avatarserve.serve.api.stream_controller import Counters, StreamCancelled, StreamController, StreamSettings
 from tests.support.synthetic import SyntheticStage
 from avatarserve.serve.dataplane.transport import BlockItem, Item, PipelineClient, TransportOptions
 from avatarserve_client.v1 import avatar_service_pb2 as pb
@@ -218,7 +219,8 @@ async def test_idle_timeout_at_the_cap_ends_the_stream_and_other_sessions_keep_f
                 assert [v.block_index for v in videos(msgs_b)] == [0, 1, 2, 3, 4]
                 assert [v.pts_ms for v in videos(msgs_b)] == [0, 480, 960, 1440, 1920]
                 end_b = statuses(msgs_b)[-1]
-                assert (end_b.kind, end_b.message) == (pb.StatusEvent.KIND_END_OF_STREAM, "end_of_input")
+                assert (end_b.kind, end_b.code) == (pb.StatusEvent.KIND_END_OF_STREAM, "end_of_input")
+                assert end_b.message  # human-readable detail besides the code
                 assert len(ctl_a.in_flight) == CAP and not task_a.done()  # A was at the cap all along
 
                 # Open A's gate: its blocks in flight, then the rest of its buffered audio, are delivered, then it ends.
@@ -228,7 +230,7 @@ async def test_idle_timeout_at_the_cap_ends_the_stream_and_other_sessions_keep_f
                 got = videos(msgs_a)
                 assert [v.block_index for v in got] == list(range(ctl_a.next_block))
                 assert len(got) >= 12 and ctl_a.counters.blocks_delivered == len(got)
-                kinds = [(s.kind, s.message) for s in statuses(msgs_a)]
+                kinds = [(s.kind, s.code) for s in statuses(msgs_a)]
                 assert kinds[-2:] == [(pb.StatusEvent.KIND_DRAINED, "idle_timeout"),
                                       (pb.StatusEvent.KIND_END_OF_STREAM, "idle_timeout")]
             finally:
@@ -272,7 +274,7 @@ async def test_idle_timeout_with_nothing_in_flight(chain, idle_mode: str) -> Non
     if idle_mode == "wait":
         assert got == []
     end = statuses(msgs)[-1]
-    assert (end.kind, end.message) == (pb.StatusEvent.KIND_END_OF_STREAM, "idle_timeout")
+    assert (end.kind, end.code) == (pb.StatusEvent.KIND_END_OF_STREAM, "idle_timeout")
 
 
 async def test_back_pressure_stalls_reading_and_releases(chain) -> None:
@@ -304,7 +306,7 @@ async def test_back_pressure_stalls_reading_and_releases(chain) -> None:
     assert not any(v.is_idle for v in videos(msgs))
     assert ctl.counters.audio_chunks_received == n and ctl.counters.audio_samples_late == 0
     end = statuses(msgs)[-1]
-    assert (end.kind, end.message) == (pb.StatusEvent.KIND_END_OF_STREAM, "end_of_input")
+    assert (end.kind, end.code) == (pb.StatusEvent.KIND_END_OF_STREAM, "end_of_input")
 
 
 END_OF_UTTERANCE = pb.ClientMessage(control=pb.Control(kind=pb.Control.KIND_END_OF_UTTERANCE))
@@ -494,3 +496,236 @@ async def test_after_an_interrupt_new_audio_follows_the_idle_block_and_idle_vide
     after = [(v.pts_ms, v.is_idle) for v in videos(out) if v.pts_ms >= 4800]
     assert after[:3] == [(4800, True), (5280, False), (5760, False)]
     assert ctl.counters.audio_samples_late == 0 and ctl.counters.audio_samples_received == 12 * SPB
+
+
+# ------------------------------------------------------------------------------------ contract fields (codes, totals)
+
+
+class CancellableRequests:
+    """A request stream like Serve's gRPCInputStream: it ends when the client cancels, and `is_cancelled()` says so."""
+
+    def __init__(self, msgs: list[pb.ClientMessage]) -> None:
+        self._msgs = list(msgs)
+        self._cancel = asyncio.Event()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def is_cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def __aiter__(self) -> "CancellableRequests":
+        return self
+
+    async def __anext__(self) -> pb.ClientMessage:
+        if self._msgs:
+            return self._msgs.pop(0)
+        await self._cancel.wait()
+        raise StopAsyncIteration
+
+
+async def test_block_index_continues_the_session_and_events_carry_session_totals(chain) -> None:
+    """A second stream of a session: VideoChunk/StatusEvent block indices continue from `block_base` (the pipe still
+    numbers from 0), and every event's counters are the session's totals (earlier streams + this one)."""
+    route, _ = chain
+    base = Counters(audio_samples_received=3 * SPB, audio_chunks_received=3, audio_samples_late=5,
+                    audio_samples_discarded=7, blocks_generated=4, blocks_delivered=3, idle_blocks_delivered=1,
+                    frames_delivered=36, interrupts=1, streams_opened=1)
+    async with LoopWatchdog() as watchdog, PipelineClient() as client:
+        pipe = await client.open("sess-base", route)
+        ctl = StreamController("sess-base", settings(idle_mode="wait", block_base=4), pipe, base=base)
+        out = await asyncio.wait_for(collect(ctl, requests([audio(i, c) for i, c in enumerate(tone_chunks(2))]
+                                                           + [END_OF_INPUT])), GUARD_S)
+        watchdog.check()
+    st = statuses(out)
+    assert st[0].kind == pb.StatusEvent.KIND_STARTED and st[0].block_index == 4
+    assert st[0].counters.streams_opened == 2 and st[0].counters.blocks_delivered == 3
+    assert [v.block_index for v in videos(out)] == [4, 5]
+    assert ctl.next_block == 2 and ctl.next_session_block == 6
+    end = st[-1]
+    assert (end.kind, end.code, end.block_index) == (pb.StatusEvent.KIND_END_OF_STREAM, "end_of_input", 6)
+    drained = st[-2]
+    assert (drained.kind, drained.code) == (pb.StatusEvent.KIND_DRAINED, "end_of_input")
+    assert end.counters == pb.SessionCounters(
+        audio_samples_received=5 * SPB, audio_chunks_received=5, audio_samples_late=5, audio_samples_discarded=7,
+        blocks_generated=6, blocks_delivered=5, idle_blocks_delivered=1, frames_delivered=60, interrupts=1,
+        streams_opened=2)
+    assert ctl.counters.streams_opened == 1 and ctl.counters.blocks_delivered == 2  # this stream's own
+    assert ctl.last_audio_wall_ms > 0
+
+
+async def test_request_end_ends_the_stream_at_once_with_its_code(chain) -> None:
+    """CloseSession / the idle sweep: blocks held in the pipeline are not waited for; END_OF_STREAM carries the code
+    (no DRAINED: not every block was delivered) and the run ends."""
+    route, slow = chain
+    async with LoopWatchdog() as watchdog, PipelineClient() as client:
+        pipe = await client.open("sess-close", route)
+        slow.gate("sess-close")
+        try:
+            ctl = StreamController("sess-close", settings(idle_mode="wait"), pipe)
+            async with LiveStream(ctl) as live:
+                await live.send(*(audio(i, c) for i, c in enumerate(tone_chunks(3))))
+                await wait_until(lambda: ctl.next_block == 3, watchdog)  # all three held in the slow stage
+                ctl.request_end("closed")
+                ctl.request_end("idle_timeout")  # the first code wins
+                await asyncio.wait_for(live._reader, GUARD_S)
+                out = live.out
+        finally:
+            slow.release("sess-close")
+        watchdog.check()
+    st = statuses(out)
+    assert (st[-1].kind, st[-1].code) == (pb.StatusEvent.KIND_END_OF_STREAM, "closed")
+    assert "CloseSession" in st[-1].message
+    assert pb.StatusEvent.KIND_DRAINED not in [s.kind for s in st]
+    assert videos(out) == [] and ctl.end_reason == "closed"
+
+
+async def test_a_cancelled_client_ends_the_stream_without_draining(chain) -> None:
+    """The client cancels (Serve ends the request stream and flags it cancelled): the controller raises
+    StreamCancelled at once instead of generating everything still buffered and in flight."""
+    route, slow = chain
+    async with LoopWatchdog() as watchdog, PipelineClient() as client:
+        pipe = await client.open("sess-cancel", route)
+        slow.gate("sess-cancel")
+        try:
+            ctl = StreamController("sess-cancel", settings(idle_mode="wait"), pipe)
+            reqs = CancellableRequests([audio(i, c) for i, c in enumerate(tone_chunks(4))])
+            task = asyncio.create_task(collect(ctl, reqs))
+            await wait_until(lambda: ctl.next_block == 4, watchdog)
+            reqs.cancel()  # the gated blocks are never released before the run ends
+            with pytest.raises(StreamCancelled):
+                await asyncio.wait_for(task, GUARD_S)
+        finally:
+            slow.release("sess-cancel")
+        watchdog.check()
+
+
+async def test_a_malformed_client_message_is_invalid_argument(chain) -> None:
+    route, _ = chain
+    async with LoopWatchdog() as watchdog, PipelineClient() as client:
+        pipe = await client.open("sess-bad", route)
+        ctl = StreamController("sess-bad", settings(), pipe)
+        bad = MalformedMessage("avatarserve.v1.ClientMessage", "Error parsing message", 7)
+        with pytest.raises(ApiError) as err:
+            await asyncio.wait_for(collect(ctl, requests([bad])), GUARD_S)  # type: ignore[list-item]
+        watchdog.check()
+    assert err.value.code.name == "INVALID_ARGUMENT" and "do not parse as avatarserve.v1.ClientMessage" in err.value.message
+
+
+async def test_late_audio_is_dropped_with_one_rate_limited_warning(chain) -> None:
+    """Fill mode: the first blocks are filled with silence while the client is silent; audio sent afterwards for
+    those spans is dropped, counted in audio_samples_late and reported by ONE WARNING `audio_late` per interval,
+    whose message says how much was dropped."""
+    route, _ = chain
+    async with LoopWatchdog() as watchdog, PipelineClient() as client:
+        pipe = await client.open("sess-late", route)
+        ctl = StreamController("sess-late", settings(idle_mode="fill", fill_grace_ms=0, warning_interval_s=600.0),
+                               pipe)
+        chunks = tone_chunks(2)
+        async with LiveStream(ctl) as live:
+            await wait_until(lambda: ctl.next_block >= 2, watchdog)  # [0, 960) ms filled with silence
+            await live.send(audio(0, chunks[0]), audio(1, chunks[1]))  # both entirely late
+            await wait_until(lambda: ctl.counters.audio_chunks_received == 2, watchdog)
+            await live.finish()
+        watchdog.check()
+    warnings = [s for s in statuses(live.out) if s.kind == pb.StatusEvent.KIND_WARNING]
+    assert [w.code for w in warnings] == ["audio_late"]
+    assert "dropped 480 ms" in warnings[0].message and warnings[0].pts_ms == 0
+    assert ctl.counters.audio_samples_late == 2 * SPB and ctl.counters.audio_samples_received == 0
+    assert statuses(live.out)[-1].counters.audio_samples_late == 2 * SPB
+
+
+async def test_a_block_delivered_behind_real_time_gets_a_warning(chain) -> None:
+    """A block held in the pipeline until well after its audio ended: WARNING `behind_realtime` saying by how much,
+    once per interval however many blocks are late."""
+    route, slow = chain
+    async with LoopWatchdog() as watchdog, PipelineClient() as client:
+        pipe = await client.open("sess-behind", route)
+        slow.gate("sess-behind")
+        try:
+            ctl = StreamController("sess-behind", settings(idle_mode="wait", behind_realtime_s=0.2,
+                                                           warning_interval_s=600.0), pipe)
+            async with LiveStream(ctl) as live:
+                await live.send(*(audio(i, c) for i, c in enumerate(tone_chunks(2))))
+                await wait_until(lambda: ctl.next_block == 2, watchdog)
+                # block 1's audio ends at 0.96 s on the stream clock: hold both blocks until it is 0.3 s past that
+                await wait_until(lambda: ctl.clock() > ctl.anchor + 0.96 + 0.3, watchdog)
+                slow.release("sess-behind")
+                await live.finish()
+        finally:
+            if not slow.gates["sess-behind"].is_set():
+                slow.release("sess-behind")
+        watchdog.check()
+    warnings = [s for s in statuses(live.out) if s.kind == pb.StatusEvent.KIND_WARNING]
+    assert [w.code for w in warnings] == ["behind_realtime"]
+    assert "behind real time" in warnings[0].message and "threshold 0.2 s" in warnings[0].message
+
+
+async def test_the_idle_timeout_counts_the_silence_before_the_stream(chain) -> None:
+    """A session already silent for its whole idle timeout when the stream opens (`idle_since_s`): the stream ends
+    with `idle_timeout` at once instead of granting a fresh timeout."""
+    route, _ = chain
+    async with LoopWatchdog() as watchdog, PipelineClient() as client:
+        pipe = await client.open("sess-since", route)
+        ctl = StreamController("sess-since", settings(idle_mode="wait", idle_timeout_s=60.0, idle_since_s=60.0), pipe)
+        quiet = asyncio.Event()
+        started = time.monotonic()
+        try:
+            out = await asyncio.wait_for(collect(ctl, requests([], then_wait=quiet)), GUARD_S)
+        finally:
+            quiet.set()
+        watchdog.check()
+    assert time.monotonic() - started < 30.0  # not the 60 s a fresh timeout would take
+    assert (statuses(out)[-1].kind, statuses(out)[-1].code) == (pb.StatusEvent.KIND_END_OF_STREAM, "idle_timeout")
+
+
+async def test_a_cancel_frees_the_session_even_when_nobody_reads_the_stream_any_more(chain) -> None:
+    """Serve may drop the call's generator without unwinding it: the reader still sees the cancel and awaits
+    `on_cancel` (the gateway frees the session there) although the output queue is full and nobody reads it."""
+    route, _ = chain
+    async with LoopWatchdog() as watchdog, PipelineClient() as client:
+        pipe = await client.open("sess-gone", route)
+        freed = asyncio.Event()
+
+        async def on_cancel() -> None:
+            freed.set()
+
+        ctl = StreamController("sess-gone", settings(idle_mode="wait"), pipe, on_cancel=on_cancel)
+        reqs = CancellableRequests([audio(i, c) for i, c in enumerate(tone_chunks(8))])
+        gen = ctl.run(reqs)
+        first = await asyncio.wait_for(gen.__anext__(), GUARD_S)  # STARTED (the stream's tasks start on the next)
+        assert first.status.kind == pb.StatusEvent.KIND_STARTED
+        await asyncio.wait_for(gen.__anext__(), GUARD_S)  # then the consumer stops reading
+        await asyncio.wait_for(wait_until(lambda: ctl.out_q.full(), watchdog), GUARD_S)
+        reqs.cancel()
+        await asyncio.wait_for(freed.wait(), GUARD_S)
+        assert ctl.cancelled
+        with pytest.raises(StreamCancelled):  # a consumer that comes back gets the cancel, not stale blocks
+            await asyncio.wait_for(gen.__anext__(), GUARD_S)
+        watchdog.check()
+
+
+async def test_an_idle_timeout_request_drains_like_end_of_input(chain) -> None:
+    """The idle sweep's close request (`idle_timeout`) ends the input: what was received is still delivered, then
+    DRAINED and END_OF_STREAM `idle_timeout` (CloseSession's `closed` ends at once instead)."""
+    route, slow = chain
+    async with LoopWatchdog() as watchdog, PipelineClient() as client:
+        pipe = await client.open("sess-drain", route)
+        slow.gate("sess-drain")
+        try:
+            ctl = StreamController("sess-drain", settings(idle_mode="wait"), pipe)
+            async with LiveStream(ctl) as live:
+                await live.send(*(audio(i, c) for i, c in enumerate(tone_chunks(3))))
+                await wait_until(lambda: ctl.next_block == 3, watchdog)
+                ctl.request_end("idle_timeout", drain=True)
+                ctl.request_end("closed")  # ignored: the first request wins
+                slow.release("sess-drain")
+                await asyncio.wait_for(live._reader, GUARD_S)
+                out = live.out
+        finally:
+            if not slow.gates["sess-drain"].is_set():
+                slow.release("sess-drain")
+        watchdog.check()
+    assert [v.block_index for v in videos(out)] == [0, 1, 2]
+    assert [(s.kind, s.code) for s in statuses(out)][-2:] == [(pb.StatusEvent.KIND_DRAINED, "idle_timeout"),
+                                                             (pb.StatusEvent.KIND_END_OF_STREAM, "idle_timeout")]

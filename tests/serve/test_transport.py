@@ -332,7 +332,7 @@ async def test_open_errors_are_typed(synthetic_chain: ChainFactory) -> None:
         with pytest.raises(PipelineError) as err:
             await client.open("s-dead", [chain.route[0], chain.route[1], dead], timeout_s=5)
         assert err.value.code == ErrorCode.UNAVAILABLE and err.value.origin == "stage1"
-        assert dead in err.value.message
+        assert dead in err.value.message and err.value.lost_hop == dead
         await chain.wait_closed("s-dead")
 
         with pytest.raises(PipelineError) as err:
@@ -340,11 +340,19 @@ async def test_open_errors_are_typed(synthetic_chain: ChainFactory) -> None:
         assert err.value.code == ErrorCode.INVALID_ARGUMENT and err.value.origin == "stage0"
         assert "not JSON" in err.value.message
 
-        live = await client.open("s-dup", chain.route)
+        # A second open of a live session supersedes the first (only the stream-lock holder opens pipes; the
+        # first caller is gone): the old pipe ends at the hop it shares with the new one, the new one works.
+        old = await client.open("s-dup", chain.route)
+        new = await client.open("s-dup", chain.route[1:])
         with pytest.raises(PipelineError) as err:
-            await client.open("s-dup", chain.route[1:])
-        assert err.value.code == ErrorCode.ALREADY_EXISTS and err.value.origin == "stage1"
-        await live.close()
+            while await old.receive() is not None:
+                pass
+        assert err.value.code == ErrorCode.UNAVAILABLE and err.value.origin == "stage1"
+        assert "superseded" in err.value.message and not err.value.lost_hop
+        await new.send(BlockItem(0, {"latents": latent(0)}))
+        await new.end()
+        assert [item.block_index async for item in new] == [0]
+        await old.close()
 
         with pytest.raises(ProtocolError, match="non-empty"):
             await client.open("", chain.route)
@@ -461,6 +469,7 @@ async def test_a_session_reopens_while_a_hop_is_still_freeing_it() -> None:
     """The caller may see end-of-stream before every hop has freed the session: a new pipe for the same session
     waits for that instead of being refused as a duplicate."""
     from avatarserve.serve.dataplane.stage_host import StageHost, StageHostConfig
+    from avatarserve.serve.dataplane.transport import TransportOptions
     from tests.support.synthetic import SyntheticStage
 
     class SlowClose(SyntheticStage):
@@ -499,6 +508,7 @@ async def test_a_fixed_port_range_gives_each_host_its_own_port() -> None:
     """Replicas sharing a node and a port range (NetworkPolicy clusters) each bind a different port; gRPC's default
     SO_REUSEPORT would let two servers share one and split its connections. A full range is a clear error."""
     from avatarserve.serve.dataplane.stage_host import StageHost, StageHostConfig
+    from avatarserve.serve.dataplane.transport import TransportOptions
     from avatarserve.serve.dataplane.transport import StageError
     from tests.support.synthetic import SyntheticStage
 
@@ -519,3 +529,42 @@ async def test_a_fixed_port_range_gives_each_host_its_own_port() -> None:
     finally:
         for h in hosts:
             await h.stop()
+
+
+async def test_a_caller_gone_while_the_handler_opens_leaves_no_stale_session() -> None:
+    from avatarserve.serve.dataplane.stage_host import StageHost, StageHostConfig
+    from avatarserve.serve.dataplane.transport import TransportOptions
+    """open_session runs on (for model stages) an executor thread that a cancel does not stop: the hop waits for it
+    and closes what it created, so the session can be opened again (no ALREADY_EXISTS)."""
+    from tests.support.synthetic import SyntheticStage
+
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+
+    class SlowOpen(SyntheticStage):
+        async def open_session(self, session_id: str, config: bytes) -> None:
+            entered.set()
+            await asyncio.shield(gate.wait())  # like an executor thread: not stopped by a cancel
+            await super().open_session(session_id, config)
+
+    handler = SlowOpen(0.0, name="slow")
+    host = StageHost(handler, StageHostConfig(name="slow", transport=TransportOptions(queue_size=2, open_timeout_s=5.0)))
+    await host.start()
+    try:
+        async with PipelineClient(TransportOptions(queue_size=2, open_timeout_s=30.0)) as client:
+            opening = asyncio.create_task(client.open("s-slow", [host.address]))
+            await asyncio.wait_for(entered.wait(), 30)
+            opening.cancel()  # the caller goes away mid-open
+            await asyncio.gather(opening, return_exceptions=True)
+            gate.set()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while (handler.sessions or host.live_sessions) and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            assert not handler.sessions and host.live_sessions == 0
+            pipe = await client.open("s-slow", [host.address])  # opens again, no stale session
+            await pipe.send(BlockItem(0, {"latents": latent(0)}))
+            await pipe.end()
+            assert [item.block_index async for item in pipe] == [0]
+    finally:
+        await host.stop(grace_s=0.5)

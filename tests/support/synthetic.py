@@ -6,7 +6,9 @@ through untouched (no decode, no encode), and the stage appends its name to the 
 
 Per-session config (JSON in the Open's config bytes, all keys optional):
     {"sink_from_block": N,             # sink consumers apply the "sink_update" from block N on
-     "fail_at": {"<stage name>": K}}   # that stage raises `SyntheticFailure` on block K
+     "fail_at": {"<stage name>": K},   # that stage raises `SyntheticFailure` on block K
+     "start_block": S}                 # the pipe starts at block S (a session rebuilt after a replica loss)
+Blocks must arrive in order from the start block (a stage raises `StageError` otherwise), like a model stage.
 
 Sink roles model the Adaptive Attention Sink hand-off: the "publisher" (the last denoising
 stage) emits a `sink_update` control item right after block N-1; "consumer" stages (and the
@@ -51,6 +53,7 @@ class SyntheticConfigError(StageError, ValueError):
 class SyntheticSessionConfig:
     sink_from_block: Optional[int] = None
     fail_at: Mapping[str, int] = field(default_factory=dict)
+    start_block: int = 0
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> "SyntheticSessionConfig":
@@ -62,7 +65,7 @@ class SyntheticSessionConfig:
             raise SyntheticConfigError(f"session config is not JSON: {exc}") from None
         if not isinstance(data, dict):
             raise SyntheticConfigError(f"session config must be a JSON object, got {type(data).__name__}")
-        unknown = set(data) - {"sink_from_block", "fail_at"}
+        unknown = set(data) - {"sink_from_block", "fail_at", "start_block"}
         if unknown:
             raise SyntheticConfigError(f"unknown session config keys {sorted(unknown)}")
         sink = data.get("sink_from_block")
@@ -71,7 +74,10 @@ class SyntheticSessionConfig:
         fail_at = data.get("fail_at", {})
         if not isinstance(fail_at, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in fail_at.items()):
             raise SyntheticConfigError(f"fail_at must map stage names to block indices, got {fail_at!r}")
-        return cls(sink_from_block=sink, fail_at=dict(fail_at))
+        start = data.get("start_block", 0)
+        if not isinstance(start, int) or start < 0:
+            raise SyntheticConfigError(f"start_block must be an integer >= 0, got {start!r}")
+        return cls(sink_from_block=sink, fail_at=dict(fail_at), start_block=start)
 
     def to_bytes(self) -> bytes:
         data: dict[str, Any] = {}
@@ -79,6 +85,8 @@ class SyntheticSessionConfig:
             data["sink_from_block"] = self.sink_from_block
         if self.fail_at:
             data["fail_at"] = dict(self.fail_at)
+        if self.start_block:
+            data["start_block"] = self.start_block
         return json.dumps(data).encode()
 
 
@@ -141,6 +149,9 @@ class SyntheticStage:
         if session is None:
             raise StageError(f"session {session_id!r} is not open on {self.name}")
         cfg = session.config
+        expected = cfg.start_block + session.blocks
+        if item.block_index != expected:
+            raise StageError(f"{self.name}: session {session_id!r} expected block {expected}, got {item.block_index}")
         if cfg.fail_at.get(self.name) == item.block_index:
             raise SyntheticFailure(f"injected failure at {self.name}, block {item.block_index}")
         sink_from = cfg.sink_from_block

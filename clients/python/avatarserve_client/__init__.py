@@ -16,8 +16,8 @@ from .audio import (SAMPLE_RATE, RealtimePacer, chunk_pcm, float_to_pcm16, pcm_t
 from .client import AvatarClient, Session
 from .errors import (AvatarServeError, CapacityExhausted, Cancelled, DeadlineExceeded,
                      FailedPrecondition, InvalidArgument, MediaError, MissingDependency,
-                     PermissionDenied, ProtocolError, ServerError, SessionNotFound, Unavailable,
-                     from_rpc_error)
+                     PermissionDenied, ProtocolError, ServerError, SessionNotFound, Unauthenticated,
+                     Unavailable, from_rpc_error)
 from .media import Mp4Writer, VideoBlock, decode_h264, decode_jpeg, write_mp4
 from .types import (AudioEncoding, CloseSummary, Counters, EventKind, Geometry, IdleMode,
                     OutputFormat, SessionHandle, SessionInfo, SessionState, StatusEvent, UtteranceProgress)
@@ -33,7 +33,8 @@ __all__ = [
     "InvalidArgument", "MediaError", "MissingDependency", "Mp4Writer", "OutputFormat",
     "PermissionDenied", "ProtocolError", "RealtimePacer", "SAMPLE_RATE", "ServerError",
     "Session", "SessionHandle", "SessionInfo", "SessionNotFound", "SessionState", "StatusEvent",
-    "StreamMarker", "StreamStats", "Unavailable", "UtteranceProgress", "VideoBlock", "chunk_pcm", "decode_h264",
+    "StreamMarker", "StreamStats", "Unauthenticated", "Unavailable", "UtteranceProgress", "VideoBlock", "chunk_pcm",
+    "decode_h264",
     "decode_jpeg", "float_to_pcm16", "from_rpc_error", "pcm_to_bytes", "read_wav", "resample",
     "silence", "write_mp4",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 
@@ -16,7 +17,8 @@ from ._stream_protocol import StreamItem, StreamProtocol
 from ._streaming import (DEFAULT_MAX_MESSAGE_BYTES, AsyncSendQueue, StreamStats, control_message,
                          load_image_bytes)
 from .audio import _aiter
-from .client import Metadata, channel_options, request_metadata, session_ref
+from .client import (Metadata, api_key_metadata, channel_options, request_metadata, resolve_api_key,
+                     resolve_credentials, session_ref)
 from .errors import AvatarServeError, FailedPrecondition, SessionNotFound, from_rpc_error
 from .types import (AudioEncoding, CloseSummary, Geometry, IdleMode, OutputFormat, SessionHandle,
                     SessionInfo, StatusEvent, build_create_request, parse_formats)
@@ -28,8 +30,10 @@ class AsyncAvatarClient:
     def __init__(self, address: str, *, timeout: float | None = 30.0, application: str | None = None,
                  metadata: Metadata = (), credentials: grpc.ChannelCredentials | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 options: Sequence[tuple[str, Any]] = ()) -> None:
+                 options: Sequence[tuple[str, Any]] = (), api_key: str | None = None,
+                 root_certificates: str | os.PathLike | bytes | None = None) -> None:
         opts = channel_options(max_message_bytes, options)
+        credentials = resolve_credentials(credentials, root_certificates)
         self._channel = (grpc.aio.secure_channel(address, credentials, options=opts) if credentials
                          else grpc.aio.insecure_channel(address, options=opts))
         self._stub = pb_grpc.AvatarServiceStub(self._channel)
@@ -37,14 +41,16 @@ class AsyncAvatarClient:
         self.timeout = timeout
         self.application = application
         self.metadata = tuple(metadata)
+        self._api_key = resolve_api_key(api_key)
 
-    def _md(self, session_id: str | None = None) -> list[tuple[str, str]]:
-        return request_metadata(self.metadata, self.application, session_id)
+    def _md(self, session_id: str | None = None, *, api_key: bool = False) -> list[tuple[str, str]]:
+        md = request_metadata(self.metadata, self.application, session_id)
+        return md + api_key_metadata(self._api_key) if api_key else md
 
     async def _unary(self, method: Callable[..., Any], request: Any, session_id: str | None,
-                     timeout: float | None) -> Any:
+                     timeout: float | None, *, api_key: bool = False) -> Any:
         try:
-            return await method(request, metadata=self._md(session_id),
+            return await method(request, metadata=self._md(session_id, api_key=api_key),
                                 timeout=self.timeout if timeout is None else timeout)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
@@ -62,7 +68,7 @@ class AsyncAvatarClient:
             formats=parse_formats(formats), jpeg_quality=jpeg_quality,
             audio_encoding=AudioEncoding(audio_encoding), idle_mode=idle_mode,
             fill_grace_ms=fill_grace_ms, idle_timeout_s=idle_timeout_s, return_audio=return_audio)
-        reply = await self._unary(self._stub.CreateSession, request, None, timeout)
+        reply = await self._unary(self._stub.CreateSession, request, None, timeout, api_key=True)
         return SessionHandle.from_proto(reply)
 
     async def get_session(self, session: "SessionHandle | AsyncSession | str", token: str | None = None,

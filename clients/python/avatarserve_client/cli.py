@@ -1,7 +1,10 @@
 """Command line: `avatarserve-stream` / `python -m avatarserve_client stream` / `avatarserve stream`.
 
     avatarserve-stream --server HOST:PORT --image face.png --audio speech.wav --out out.mp4 \
-        [--realtime] [--prompt TEXT] [--seed N] [--width W --height H]
+        [--realtime] [--prompt TEXT] [--seed N] [--width W --height H] [--api-key KEY | --api-key-file F]
+        [--ca-cert CA.pem | --tls]
+
+The API key defaults to the AVATARSERVE_API_KEY environment variable.
 
 Streams the WAV through a new session, writes the video with the audio muxed in, and prints a
 one-line JSON summary (blocks, frames, ttff_s, fps, ...) on stdout. Reading the audio and
@@ -20,7 +23,7 @@ import grpc
 
 from .audio import chunk_pcm, read_wav, require_soundfile
 from .client import AvatarClient
-from .errors import AvatarServeError
+from .errors import AvatarServeError, InvalidArgument
 from .media import Mp4Writer, VideoBlock, require_av
 
 
@@ -46,6 +49,12 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         help="server idle behaviour (default: server default, fill_silence)")
     parser.add_argument("--application", default=None, help="Ray Serve application name")
     parser.add_argument("--tls", action="store_true", help="use TLS with the system root CAs")
+    parser.add_argument("--ca-cert", default=None,
+                        help="use TLS trusting this PEM CA certificate (e.g. a self-signed server's)")
+    parser.add_argument("--api-key", default=None,
+                        help="API key for CreateSession (default: the AVATARSERVE_API_KEY environment variable)")
+    parser.add_argument("--api-key-file", default=None,
+                        help="read the API key from this file (e.g. the one `avatarserve up` writes)")
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="deadline (s) of session creation and closing")
     return parser
@@ -68,10 +77,16 @@ def _stream(args: argparse.Namespace) -> dict:
     require_av("the stream command (MP4 writing)", extra="cli")
     pcm = read_wav(args.audio)
     chunks = chunk_pcm(pcm, chunk_ms=args.chunk_ms)
-    credentials = grpc.ssl_channel_credentials() if args.tls else None
+    credentials = grpc.ssl_channel_credentials() if args.tls and not args.ca_cert else None
+    api_key = args.api_key
+    if api_key is None and args.api_key_file:
+        try:
+            api_key = open(args.api_key_file).read().strip()
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read the API key file {args.api_key_file}: {exc}") from exc
     t0 = time.monotonic()
     with AvatarClient(args.server, timeout=args.timeout, application=args.application,
-                      credentials=credentials) as client:
+                      credentials=credentials, root_certificates=args.ca_cert, api_key=api_key) as client:
         with client.session(args.image, args.prompt, width=args.width, height=args.height,
                             seed=args.seed, formats=args.formats, jpeg_quality=args.jpeg_quality,
                             idle_mode=args.idle_mode) as session:

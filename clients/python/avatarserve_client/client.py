@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import grpc
@@ -18,6 +20,29 @@ from .types import (AudioEncoding, CloseSummary, Geometry, IdleMode, OutputForma
                     SessionInfo, StatusEvent, build_create_request, parse_formats)
 
 Metadata = Sequence[tuple[str, str]]
+
+API_KEY_ENV = "AVATARSERVE_API_KEY"
+
+
+def resolve_api_key(api_key: str | None) -> str | None:
+    """`api_key`, else the AVATARSERVE_API_KEY environment variable (None: no key is sent)."""
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    return key.strip() or None if key else None
+
+
+def api_key_metadata(api_key: str | None) -> list[tuple[str, str]]:
+    """The metadata that carries an API key (sent on CreateSession only)."""
+    return [("authorization", f"Bearer {api_key}")] if api_key else []
+
+
+def resolve_credentials(credentials: grpc.ChannelCredentials | None,
+                        root_certificates: str | os.PathLike | bytes | None) -> grpc.ChannelCredentials | None:
+    """Channel credentials: `credentials` as given, else TLS trusting the PEM CA certificate(s) at the path (or the
+    PEM bytes) `root_certificates`, else None (plaintext)."""
+    if credentials is not None or root_certificates is None:
+        return credentials
+    pem = root_certificates if isinstance(root_certificates, bytes) else Path(root_certificates).read_bytes()
+    return grpc.ssl_channel_credentials(root_certificates=pem)
 
 
 def channel_options(max_message_bytes: int, extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
@@ -52,15 +77,20 @@ class AvatarClient:
         address: "host:port" of the Ray Serve gRPC proxy.
         timeout: default deadline (s) of unary calls; streams have none unless given.
         application: Ray Serve application name, sent as `application` metadata.
-        metadata: extra metadata sent on every call (e.g. an API key header).
-        credentials: channel credentials for TLS; None = plaintext.
+        metadata: extra metadata sent on every call.
+        credentials: channel credentials for TLS; None = plaintext (unless `root_certificates`).
+        api_key: the API key CreateSession needs (sent as `authorization: Bearer <key>` on CreateSession only;
+            session calls use the session token). Default: the AVATARSERVE_API_KEY environment variable.
+        root_certificates: path of the PEM CA certificate(s) to trust (or the PEM bytes): connects with TLS.
     """
 
     def __init__(self, address: str, *, timeout: float | None = 30.0, application: str | None = None,
                  metadata: Metadata = (), credentials: grpc.ChannelCredentials | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 options: Sequence[tuple[str, Any]] = ()) -> None:
+                 options: Sequence[tuple[str, Any]] = (), api_key: str | None = None,
+                 root_certificates: str | os.PathLike | bytes | None = None) -> None:
         opts = channel_options(max_message_bytes, options)
+        credentials = resolve_credentials(credentials, root_certificates)
         self._channel = (grpc.secure_channel(address, credentials, options=opts) if credentials
                          else grpc.insecure_channel(address, options=opts))
         self._stub = pb_grpc.AvatarServiceStub(self._channel)
@@ -68,14 +98,16 @@ class AvatarClient:
         self.timeout = timeout
         self.application = application
         self.metadata = tuple(metadata)
+        self._api_key = resolve_api_key(api_key)
 
-    def _md(self, session_id: str | None = None) -> list[tuple[str, str]]:
-        return request_metadata(self.metadata, self.application, session_id)
+    def _md(self, session_id: str | None = None, *, api_key: bool = False) -> list[tuple[str, str]]:
+        md = request_metadata(self.metadata, self.application, session_id)
+        return md + api_key_metadata(self._api_key) if api_key else md
 
     def _unary(self, method: Callable[..., Any], request: Any, session_id: str | None,
-               timeout: float | None) -> Any:
+               timeout: float | None, *, api_key: bool = False) -> Any:
         try:
-            return method(request, metadata=self._md(session_id),
+            return method(request, metadata=self._md(session_id, api_key=api_key),
                           timeout=self.timeout if timeout is None else timeout)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
@@ -92,7 +124,8 @@ class AvatarClient:
             formats=parse_formats(formats), jpeg_quality=jpeg_quality,
             audio_encoding=AudioEncoding(audio_encoding), idle_mode=idle_mode,
             fill_grace_ms=fill_grace_ms, idle_timeout_s=idle_timeout_s, return_audio=return_audio)
-        return SessionHandle.from_proto(self._unary(self._stub.CreateSession, request, None, timeout))
+        return SessionHandle.from_proto(self._unary(self._stub.CreateSession, request, None, timeout,
+                                                    api_key=True))
 
     def get_session(self, session: "SessionHandle | Session | str", token: str | None = None, *,
                     timeout: float | None = None) -> SessionInfo:

@@ -48,9 +48,17 @@ class SessionNotFound(AvatarServeError):
 
 
 class PermissionDenied(AvatarServeError):
-    """The session token does not match the session (or the caller is unauthenticated)."""
+    """The caller is known but not allowed: a revoked API key, or a session token that does not match the
+    session."""
 
     default_code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unauthenticated(PermissionDenied):
+    """CreateSession without an API key, or with one the server does not know: pass ``api_key=`` or set
+    AVATARSERVE_API_KEY. (A PermissionDenied too, so code catching that keeps working.)"""
+
+    default_code = grpc.StatusCode.UNAUTHENTICATED
 
 
 class CapacityExhausted(AvatarServeError):
@@ -121,7 +129,7 @@ _CODE_TO_CLASS: dict[grpc.StatusCode, type[AvatarServeError]] = {
     grpc.StatusCode.OUT_OF_RANGE: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: SessionNotFound,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
-    grpc.StatusCode.UNAUTHENTICATED: PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.RESOURCE_EXHAUSTED: CapacityExhausted,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.ABORTED: FailedPrecondition,

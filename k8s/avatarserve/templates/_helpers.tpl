@@ -130,6 +130,14 @@ Returned as JSON (include ... | fromJson).
 {{- if $dp -}}
 {{- $_ = set $app "data_plane" $dp -}}
 {{- end -}}
+{{- with .Values.apiKeys.existingSecret -}}
+{{- $auth := default dict (get $app "auth") -}}
+{{- if hasKey $auth "keys_file" -}}
+{{- fail "app.auth.keys_file comes from apiKeys.* (the Secret the chart mounts): set apiKeys.existingSecret instead" -}}
+{{- end -}}
+{{- $_ = set $auth "keys_file" (printf "%s/%s" $.Values.apiKeys.mountPath $.Values.apiKeys.secretKey) -}}
+{{- $_ = set $app "auth" $auth -}}
+{{- end -}}
 {{- $p := .Values.placement -}}
 {{- if $p.roles -}}
 {{- $resources := default dict (get $app "resources") -}}
@@ -159,7 +167,7 @@ and the one application, as builder.serve_config() writes it.
 {{- if get $autoscaling "enabled" -}}
 {{- $_ := set $application "autoscaling_policy" (dict "policy_function" "avatarserve.serve.control.autoscale:SessionAutoscalingPolicy" "policy_kwargs" (dict "app" $args)) -}}
 {{- end -}}
-{{- $grpc := dict "port" (int .Values.serve.grpcPort) "enable_reflection" true "grpc_servicer_functions" (list "avatarserve_client.v1.avatar_service_pb2_grpc.add_AvatarServiceServicer_to_server" "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server") -}}
+{{- $grpc := dict "port" (int .Values.serve.grpcPort) "enable_reflection" true "grpc_servicer_functions" (list "avatarserve.serve.api.grpc_service.add_AvatarServiceServicer_to_server" "avatarserve.serve.api.grpc_service.add_HealthServicer_to_server") -}}
 {{- $http := dict "host" "0.0.0.0" "port" (int .Values.serve.httpPort) -}}
 {{- $cfg := dict "proxy_location" .Values.serve.proxyLocation "http_options" $http "grpc_options" $grpc "applications" (list $application) -}}
 {{- toYaml $cfg -}}
@@ -290,11 +298,17 @@ spec:
       {{- end }}
       volumeMounts:
         - {name: ray-logs, mountPath: /tmp/ray}
+        {{- if $root.Values.apiKeys.existingSecret }}
+        - {name: api-keys, mountPath: {{ $root.Values.apiKeys.mountPath | quote }}, readOnly: true}
+        {{- end }}
         {{- with $spec.volumeMounts }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
   volumes:
     - {name: ray-logs, emptyDir: {}}
+    {{- with $root.Values.apiKeys.existingSecret }}
+    - {name: api-keys, secret: {secretName: {{ . | quote }}}}
+    {{- end }}
     {{- with $spec.volumes }}
     {{- toYaml . | nindent 4 }}
     {{- end }}

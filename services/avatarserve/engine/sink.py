@@ -23,6 +23,7 @@ from ..model.rope import sink_temporal_index
 from .errors import InvalidInput
 
 MAX_IMAGE_PIXELS = 40_000_000
+MIN_IMAGE_SIDE = 32  # smaller cannot show a face the model could animate
 
 
 def derive_seed(*parts: int) -> int:
@@ -97,6 +98,9 @@ def load_image(data: bytes | str | Image.Image | np.ndarray) -> Image.Image:
             img = Image.open(data)
         if img.width * img.height > MAX_IMAGE_PIXELS:
             raise InvalidInput(f"reference image is {img.width}x{img.height}, over {MAX_IMAGE_PIXELS} pixels")
+        if min(img.width, img.height) < MIN_IMAGE_SIDE:
+            raise InvalidInput(f"reference image is {img.width}x{img.height}; each side must be at least "
+                               f"{MIN_IMAGE_SIDE} pixels")
         img.load()
         return img.convert("RGB")
     except InvalidInput:

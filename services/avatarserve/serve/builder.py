@@ -41,8 +41,9 @@ from avatarserve.serve.ray_compat import deploy_apps
 __all__ = ["AppConfigError", "build_app", "deploy", "grpc_options", "http_options", "policy_kwargs", "serve_config",
            "stage_specs"]
 
-AVATAR_SERVICER = "avatarserve_client.v1.avatar_service_pb2_grpc.add_AvatarServiceServicer_to_server"
-HEALTH_SERVICER = "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"
+# Tolerant request parsing: a corrupt request gets INVALID_ARGUMENT, not grpcio's UNKNOWN (api/grpc_service.py).
+AVATAR_SERVICER = "avatarserve.serve.api.grpc_service.add_AvatarServiceServicer_to_server"
+HEALTH_SERVICER = "avatarserve.serve.api.grpc_service.add_HealthServicer_to_server"
 HANDLERS = "avatarserve.serve.dataplane.handlers"
 FACTORIES = {"audio": "audio_encoder", "denoise": "denoise_stage", "vae": "vae_decoder"}
 
@@ -64,6 +65,7 @@ def http_options(port: int) -> HTTPOptions:
 def stage_specs(app: AppConfig) -> List[Tuple[str, StageSpec]]:
     """(role, spec) of every stage deployment, in route order."""
     base = {"redis_url": app.redis_url, "namespace": app.namespace, "session_ttl_s": app.timeouts.session_ttl_s,
+            "redis": app.timeouts.redis.model_dump(),
             "torch_threads": app.torch_threads}
     out = []
     for dep in app.stage_deployments:

@@ -29,8 +29,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-__all__ = ["AppConfig", "ConfigError", "DataPlaneSection", "NODE_IP", "ROLES", "ReplicaTimeouts", "TimeoutsConfig",
-           "format_validation_error", "ray_actor_options", "resolve_redis_url"]
+__all__ = ["AppConfig", "AuthSection", "ConfigError", "DataPlaneSection", "NODE_IP", "ROLES", "RedisTimeouts",
+           "ReplicaTimeouts", "TimeoutsConfig", "TlsSection", "format_validation_error", "ray_actor_options", "resolve_redis_url"]
 
 
 class ConfigError(ValueError):
@@ -113,6 +113,33 @@ class _ReplicaOverrides(_Strict):
     registry_ttl_s: Optional[float] = Field(None, gt=0)
 
 
+class RedisTimeouts(_Strict):
+    """How every replica talks to Redis, and how it rides out a Redis outage (control/redis_client.py)."""
+
+    connect_s: float = Field(
+        2.0, gt=0,
+        description="Connecting to Redis. While Redis is down a refused connection fails at once; this bounds a "
+                    "connection attempt that hangs (Redis host unreachable).")
+    call_s: float = Field(
+        10.0, gt=0,
+        description="One Redis command, reply included (a real model's sink blob is megabytes). A command that "
+                    "takes longer counts as Redis being unreachable.")
+    probe_s: float = Field(
+        0.5, gt=0,
+        description="While Redis is unreachable, how often a gateway probes it (and, once it answers, re-writes the "
+                    "sessions it streams); with live streams, also how often it checks that Redis did not restart "
+                    "and lose them. Also how often the last denoise stage retries storing a session's adaptive-sink "
+                    "latent that Redis did not take.")
+    write_back_grace_s: float = Field(
+        30.0, gt=0,
+        description="How long the last denoise stage keeps retrying to store a session's adaptive-sink latent while "
+                    "Redis answers but lacks the session's sink (after Redis lost its data, the gateway streaming "
+                    "the session writes the sink back; a session closed meanwhile never comes back).")
+    retry_after_ms: int = Field(
+        2000, ge=0,
+        description="Hint sent as `retry-after-ms` trailing metadata with UNAVAILABLE while Redis is unreachable.")
+
+
 class TimeoutsConfig(ReplicaTimeouts):
     """Every timeout and lifetime of the serving layer: replicas, gateway and launcher."""
 
@@ -130,7 +157,26 @@ class TimeoutsConfig(ReplicaTimeouts):
     session_ttl_s: float = Field(
         3600.0, gt=0,
         description="Lifetime of a session's Redis keys (session, sink, route, stream lock) after its last stream "
-                    "activity; refreshed while a stream is open, so a live stream never expires.")
+                    "activity; refreshed while a stream is open, so a live stream never expires. Also the cap of "
+                    "a session's idle timeout (IdleOptions.idle_timeout_s).")
+    stream_sync_s: float = Field(
+        0.25, gt=0,
+        description="How often an open stream writes its live counters to the session store and checks for a "
+                    "close request (CloseSession or the idle sweep, from any gateway replica): bounds how stale "
+                    "GetSession's counters are and how long a stream takes to end after CloseSession.")
+    close_wait_s: float = Field(
+        10.0, gt=0,
+        description="How long CloseSession (or the idle sweep) waits for the session's open stream, on whichever "
+                    "gateway replica holds it, to end before it closes the session regardless.")
+    closed_ttl_s: float = Field(
+        3600.0, gt=0,
+        description="How long a closed session's tombstone (state, closing summary) is remembered: GetSession and a "
+                    "repeated CloseSession answer from it until then, NOT_FOUND after.")
+    idle_sweep_s: float = Field(
+        5.0, gt=0,
+        description="How often each gateway replica closes the sessions past their idle timeout (an atomic claim "
+                    "in Redis: several replicas sweeping never close a session twice). A session closes at most "
+                    "this much after its idle timeout.")
     redis_start_s: float = Field(60.0, gt=0, description="`avatarserve up`: redis-server must accept connections "
                                                          "within this time (it fails at once if it exits).")
     ray_start_s: float = Field(600.0, gt=0, description="`avatarserve up`: the Ray head must listen within this time "
@@ -141,6 +187,8 @@ class TimeoutsConfig(ReplicaTimeouts):
                     "wait while replicas start and load; a replica that fails is reported at once.")
     health_s: float = Field(120.0, gt=0, description="`avatarserve up`: the public gRPC endpoint must answer SERVING "
                                                      "within this time once the application is RUNNING.")
+    redis: RedisTimeouts = Field(default_factory=RedisTimeouts,
+                                 description="Redis connections of every replica, and Redis outages.")
     deployments: Dict[str, _ReplicaOverrides] = Field(
         default_factory=dict, description="Per-deployment overrides of the replica timeouts, by deployment name.")
 
@@ -365,6 +413,50 @@ class AutoscalingSection(_Strict):
         return max(1, self.min_of(role, fixed)) if v is None else v
 
 
+class ReplayBlocks(_Strict):
+    """Blocks replayed to rebuild a session on the replica that replaces a lost one, per role: what that role's state
+    depends on. Exact when the replay reaches block 0."""
+
+    audio: int = Field(8, ge=0, description="AudioEncoder: its left audio context (the toy model's is < 2 s).")
+    denoise: int = Field(8, ge=0, description="DenoiseStage: at least the model's KV window (window_blocks); more "
+                                              "blocks make the seam smaller.")
+    vae: int = Field(8, ge=0, description="VaeDecoder: its causal feature cache (measured on the tiny model: 2 blocks "
+                                          "leave a visible seam, mean 1 px / max 35 px; 16 none).")
+
+    def most(self) -> int:
+        return max(self.audio, self.denoise, self.vae)
+
+
+class RecoverySection(_Strict):
+    """Session recovery after the loss of a stage replica (serve/dataplane/recovery.py)."""
+
+    enabled: bool = Field(True, description="Re-place a session whose stage replica died and continue its stream; "
+                                            "off: the stream ends UNAVAILABLE (the client may reopen it).")
+    replay_blocks: ReplayBlocks = Field(
+        default_factory=ReplayBlocks,
+        description="Blocks before the first undelivered one that are replayed through the new route, per role of the "
+                    "lost replica, so its replacement rebuilds its state (outputs dropped; surviving hops answer "
+                    "from memory). The gateway keeps the audio of the most of these per stream.")
+    max_recoveries: int = Field(3, ge=0, description="Recoveries per stream; one more loss ends it UNAVAILABLE.")
+    hold_s: float = Field(
+        30.0, ge=0, description="How long a stage replica keeps a session whose pipe broke (another hop was lost), "
+                                "with its last results, so the reopened pipe continues it exactly instead of "
+                                "rebuilding it. 0: free it at once.")
+    close_drain_s: float = Field(
+        10.0, ge=0, description="A stream that ends early (client gone, CloseSession, error) ends its pipe cleanly: "
+                                "its blocks in flight finish within this time (results dropped) and every replica "
+                                "frees the session at once; after it the pipe is cancelled and replicas free the "
+                                "session after `hold_s`.")
+    stall_s: float = Field(
+        120.0, gt=0, description="A stream whose pipe returns no result for this long while blocks are in flight is "
+                                 "reopened on the same route, like a lost replica (a hop is stuck; the reopen "
+                                 "supersedes its pipe). Far above a block's latency on the real model under load.")
+    probe_timeout_s: float = Field(
+        1.0, gt=0, description="TCP connect to the lost hop's address that tells a dead replica (refused or silent: "
+                               "removed from the registry, the session moves) from a broken stream (it answers: "
+                               "the session reopens on it).")
+
+
 class OpsSection(_Strict):
     """The built-in ops page at `{route_prefix}/ops/` (ops/dashboard.py)."""
 
@@ -443,6 +535,52 @@ class Handlers(_Strict):
     vae: Optional[str] = Field(None, pattern=_HANDLER_PATH)
 
 
+class AuthSection(_Strict):
+    """Who may create sessions (serve/api/auth.py, serve/control/api_keys.py). CreateSession needs an API key in its
+    metadata (`authorization: Bearer <key>` or `x-api-key: <key>`); the session-scoped RPCs keep using the session
+    token. Keys are stored hashed, in Redis under `namespace` (`avatarserve keys create`) and/or in `keys_file`."""
+
+    mode: Literal["required", "disabled"] = Field(
+        "required", description="`required`: CreateSession without a known, unrevoked API key fails (UNAUTHENTICATED "
+                                "/ PERMISSION_DENIED). `disabled`: anyone who reaches the port may create sessions "
+                                "(no keys, no per-key quotas).")
+    keys_file: Optional[str] = Field(
+        None, description="Optional file of hashed keys the operator manages (e.g. a Kubernetes Secret mounted as a "
+                          "file): one JSON object per line, as `avatarserve keys create --keys-file` writes it. Read "
+                          "again whenever it changes; keys in Redis are accepted as well.")
+    quota_period_s: float = Field(
+        3600.0, gt=0, description="Default quota period of a key without its own: session-seconds are counted per "
+                                  "fixed window of this length.")
+    default_max_sessions: Optional[int] = Field(
+        None, ge=0, description="Concurrent open sessions of a key without its own limit (unset: unlimited).")
+    default_session_seconds: Optional[float] = Field(
+        None, ge=0, description="Streaming seconds per quota period of a key without its own limit (unset: "
+                                "unlimited).")
+    usage_flush_s: float = Field(
+        5.0, gt=0, description="How often a gateway adds the streaming time of its open streams to their keys' "
+                               "usage (a crashed gateway loses at most this much of it).")
+
+
+class TlsSection(_Strict):
+    """TLS on the public gRPC port. Ray Serve 2.60's gRPC proxy serves plaintext only, so `avatarserve up` runs a
+    TLS-terminating front (serve/api/tls_front.py) that forwards every AvatarService and health call to it."""
+
+    cert_file: Optional[str] = Field(None, description="PEM certificate chain of the public port (unset: no TLS).")
+    key_file: Optional[str] = Field(None, description="PEM private key of `cert_file`.")
+    host: str = Field("0.0.0.0", min_length=1, description="Address the TLS front binds.")
+    port: int = Field(0, ge=0, le=65535, description="Port of the TLS front (0: a free port, printed by `up`).")
+
+    @model_validator(mode="after")
+    def _pair(self) -> "TlsSection":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (both set, or neither)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
 class AppConfig(_Strict):
     """The `app:` section of a deployment file (deploy/*.yaml), equal to the Serve application's args."""
 
@@ -470,13 +608,20 @@ class AppConfig(_Strict):
                                                          "default: timeouts.session_drain_s + 10 s.")
     retry_after_ms: int = Field(2000, ge=0, description="Hint sent with RESOURCE_EXHAUSTED.")
     admission_poll_s: float = Field(0.1, gt=0, description="How often a parked CreateSession retries.")
-    late_after_s: float = Field(3.0, ge=0, description="A frame delivered later than this after its audio is late.")
+    late_after_s: float = Field(3.0, ge=0, description="A frame delivered later than this after its audio is late "
+                                                       "(counted in metrics; the stream gets a WARNING "
+                                                       "`behind_realtime`).")
+    warning_interval_s: float = Field(5.0, gt=0, description="Least time between two WARNING events of the same code "
+                                                             "on one stream (`audio_late`, `behind_realtime`).")
     fps_window_s: float = Field(5.0, gt=0, description="Window of the per-session FPS metrics.")
     fps_sample_s: float = Field(1.0, gt=0, description="How often per-session FPS is sampled.")
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     autoscaling: AutoscalingSection = Field(default_factory=AutoscalingSection)
     ops: OpsSection = Field(default_factory=OpsSection)
+    recovery: RecoverySection = Field(default_factory=RecoverySection)
     handlers: Handlers = Field(default_factory=Handlers)
+    auth: AuthSection = Field(default_factory=AuthSection)
+    tls: TlsSection = Field(default_factory=TlsSection)
 
     @model_validator(mode="after")
     def _consistent(self) -> "AppConfig":

@@ -6,9 +6,11 @@ from typing import Any, Dict, Optional
 
 import grpc
 
+from avatarserve.serve.control.redis_client import RedisUnavailableError
 from avatarserve.serve.dataplane.transport import ErrorCode, PipelineError, StageError
 
-__all__ = ["ApiError", "StreamFailed", "apply_to_context", "from_pipeline_error", "from_stage_error", "stage_error_of"]
+__all__ = ["ApiError", "StreamFailed", "apply_to_context", "from_pipeline_error", "from_redis_unavailable",
+           "from_stage_error", "stage_error_of"]
 
 
 class ApiError(Exception):
@@ -57,3 +59,18 @@ def stage_error_of(exc: BaseException) -> Optional[StageError]:
 def from_stage_error(err: StageError, what: str) -> ApiError:
     code = grpc.StatusCode.INVALID_ARGUMENT if err.code == ErrorCode.INVALID_ARGUMENT else grpc.StatusCode.UNAVAILABLE
     return ApiError(code, f"{what}: {err}")
+
+
+def from_redis_unavailable(exc: RedisUnavailableError, retry_after_ms: int) -> ApiError:
+    """Redis (session store, replica registry) unreachable -> UNAVAILABLE with a `retry-after-ms` hint
+    (`app.timeouts.redis.retry_after_ms`). Streams already open go on (control/live_sessions.py)."""
+    return ApiError(grpc.StatusCode.UNAVAILABLE,
+                    "the session store (Redis) is unreachable; sessions cannot be created, read, closed or opened "
+                    f"until it is back: retry after {retry_after_ms} ms ({_cause(exc)})",
+                    {"retry-after-ms": str(int(retry_after_ms))})
+
+
+def _cause(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc
+    lines = [l.strip() for l in str(cause).strip().splitlines() if l.strip()]
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}"

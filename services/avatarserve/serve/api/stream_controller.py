@@ -12,8 +12,18 @@ pipeline one whole block of PCM at a time, at most `max_in_flight` blocks ahead 
   late and dropped;
 - a slow reader stalls the receiver, then the pipeline, then the feeder, then reading client audio (back-pressure
   all the way to the client; nothing grows without bound);
-- a client that sends no audio for `idle_timeout_s` gets its input ended (END_OF_STREAM reason `idle_timeout`),
-  whether or not blocks are in flight at that moment;
+- a client that sends no audio for `idle_timeout_s` (counted from the last audio before the stream too:
+  `idle_since_s`) gets its input ended (END_OF_STREAM code `idle_timeout`), whether or not blocks are in flight at
+  that moment; the gateway then closes the session;
+- `request_end(code)` (CloseSession, the idle sweep, a draining server) ends the stream at once: blocks in flight are
+  not delivered, END_OF_STREAM carries the code; a client that cancels the call ends it at once too
+  (`StreamCancelled`), without draining;
+- WARNING events, at most one per code per `warning_interval_s`: `audio_late` when client audio is dropped because its
+  span was already filled with silence, `behind_realtime` when a block is delivered more than `behind_realtime_s` after
+  its audio ended on the stream's wall clock;
+- positions are the pipe's: the pipe numbers this stream's blocks from 0 (the stages key their state by it); the
+  client sees session-level indices, `block_base` (the blocks of the session's earlier streams) added at the edge;
+  events carry the session's totals (`base` counters of the earlier streams plus this stream's);
 - utterances (client audio between END_OF_UTTERANCE / INTERRUPT / end-of-input boundaries) are reported as their
   blocks are delivered: UTTERANCE_STARTED before the first chunk holding their audio, UTTERANCE_ENDED after the
   chunk holding their last audio, or at an INTERRUPT with how much of them was played out (`_Utterance`).
@@ -29,7 +39,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Dict, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Optional
 
 import grpc
 import numpy as np
@@ -59,6 +69,10 @@ class StreamSettings:
     max_buffer_s: float = 30.0
     max_in_flight: int = 7
     return_audio: bool = False  # VideoChunk.audio_pcm: the block's audio span as s16le
+    idle_since_s: float = 0.0  # seconds the session had been without client audio when this stream started
+    block_base: int = 0  # session-level index of this stream's first block (blocks of the session's earlier streams)
+    behind_realtime_s: float = 3.0  # WARNING `behind_realtime` when a block's delivery lag exceeds this
+    warning_interval_s: float = 5.0  # least time between two WARNING events of one code
 
     @property
     def block_ms(self) -> float:
@@ -103,22 +117,61 @@ class Counters:
     def proto(self) -> pb.SessionCounters:
         return pb.SessionCounters(**self.__dict__)
 
+    def __add__(self, other: "Counters") -> "Counters":
+        return Counters(**{k: v + getattr(other, k) for k, v in self.__dict__.items()})
+
+    def as_dict(self) -> Dict[str, int]:
+        return dict(self.__dict__)
+
 
 class _Done:
     pass
 
 
+class _EndNow:
+    """Queued by `request_end`: the stream ends at once with END_OF_STREAM `code`."""
+
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+
+class StreamCancelled(Exception):
+    """The client cancelled the call (or vanished): the stream ends at once, nothing more is sent."""
+
+
+# END_OF_STREAM / DRAINED codes (StatusEvent.code) and their human-readable message.
+END_MESSAGES = {
+    "end_of_input": "end of input: every block of this stream's audio was delivered",
+    "closed": "the session was closed (CloseSession)",
+    "idle_timeout": "idle timeout: no client audio for the session's idle_timeout_s; the session is closed",
+    "server_draining": "the server is draining; reopen the stream on the same session to continue",
+}
+
+
 class StreamController:
     def __init__(self, session_id: str, settings: StreamSettings, pipe: Any, *,
                  on_block: Optional[Callable[[dict], Any]] = None, clock: Callable[[], float] = time.monotonic,
-                 geometry: Optional[pb.SessionGeometry] = None):
+                 geometry: Optional[pb.SessionGeometry] = None, base: Optional[Counters] = None,
+                 on_cancel: Optional[Callable[[], Awaitable[None]]] = None):
         self.sid = session_id
         self.s = settings
         self.pipe = pipe
         self.clock = clock
         self.on_block = on_block  # async callback with per-block stats (metrics, Redis counters)
         self.geometry = geometry
-        self.counters = Counters()
+        self.counters = Counters()  # this stream's
+        # the session's totals before this stream (streams_opened 0: this stream is counted in `counters`)
+        self.base = base if base is not None else Counters(streams_opened=0)
+        self.last_audio_wall_ms = 0  # Unix ms of the last accepted AudioChunk with audio (0: none on this stream)
+        self._warned_at: Dict[str, float] = {}  # WARNING code -> clock time it was last sent
+        self._late_unreported = 0  # late samples dropped since the last `audio_late` WARNING
+        self._ending = False  # request_end was called
+        # Awaited when the client cancels, before the stream unwinds: whoever consumes `run` may be gone already
+        # (Serve dropped the call), so the gateway frees the session here, not only when the generator unwinds.
+        self.on_cancel = on_cancel
+        self.cancelled = False
+        self._tasks: list = []
+        self._end_task: Optional[asyncio.Task] = None  # queues the _EndNow marker (cancelled if the stream ends first)
         self.out_q: asyncio.Queue = asyncio.Queue(maxsize=4)
         self._wake = asyncio.Event()  # the feeder's state changed: audio, INTERRUPT, end of input, a block delivered
         self._room = asyncio.Event()  # audio left the buffer (or the stream failed): back-pressure may release
@@ -151,22 +204,61 @@ class StreamController:
         self.end_reason = "end_of_input"
 
     # ----- public -------------------------------------------------------------------------------------------
+    @property
+    def totals(self) -> Counters:
+        """The session's counters now: its earlier streams plus this one."""
+        return self.base + self.counters
+
+    @property
+    def next_session_block(self) -> int:
+        """Session-level index of the block after the last one this stream fed (where the next stream starts)."""
+        return self.s.block_base + self.next_block
+
+    def request_end(self, code: str, *, drain: bool = False) -> None:
+        """End the stream with END_OF_STREAM `code` (see END_MESSAGES): now (blocks in flight are not delivered), or
+        with `drain` like an end of input (what was received is still delivered, then DRAINED). Safe to call from any
+        task of the loop, more than once (the first code wins)."""
+        if self._ending:
+            return
+        if drain:
+            self._ending = True
+            if not self.end_of_input:
+                self.end_reason = code
+                self.end_of_input = True
+                self._wake.set()
+            return
+        self._ending = True
+        self.end_reason = code
+        self._end_task = asyncio.get_running_loop().create_task(self._put(_EndNow(code)), name=f"{self.sid}/end")
+
     async def run(self, requests: AsyncIterator) -> AsyncIterator[pb.ServerMessage]:
-        self.t0 = self.last_audio_at = self.anchor = self.clock()
+        self.t0 = self.anchor = self.clock()
+        self.last_audio_at = self.t0 - max(0.0, self.s.idle_since_s)
         yield pb.ServerMessage(status=pb.StatusEvent(kind=pb.StatusEvent.KIND_STARTED, pts_ms=0,
-                                                      geometry=self.geometry, counters=self.counters.proto()))
+                                                      block_index=self.s.block_base, geometry=self.geometry,
+                                                      counters=self.totals.proto()))
         tasks = [asyncio.create_task(self._guard(self._read(requests)), name="read"),
                  asyncio.create_task(self._guard(self._feed()), name="feed"),
                  asyncio.create_task(self._guard(self._receive()), name="receive")]
+        self._tasks = list(tasks)
         try:
             while True:
                 msg = await self.out_q.get()
                 if isinstance(msg, _Done):
                     break
+                if isinstance(msg, _EndNow):
+                    for t in tasks:
+                        t.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                    yield self._status(pb.StatusEvent.KIND_END_OF_STREAM, END_MESSAGES.get(msg.code, msg.code),
+                                       pts_ms=self._ms(self.delivered_end), block_index=self.next_block, code=msg.code)
+                    return
                 yield msg
             if self._fatal is not None:
                 raise self._fatal
         finally:
+            if self._end_task is not None:
+                tasks.append(self._end_task)
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -178,7 +270,11 @@ class StreamController:
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # first failure ends the stream with its status
-            if self._fatal is None:
+            if self.cancelled:  # the client is gone: whatever failed after that (the pipe we closed) is moot
+                self._fatal = StreamCancelled(f"session {self.sid}: the client cancelled the stream")
+                while not self.out_q.empty():  # nobody may read these any more: never block on a full queue
+                    self.out_q.get_nowait()
+            elif self._fatal is None:
                 self._fatal = exc if isinstance(exc, ApiError) else _api_error_for(exc)
             self._room.set()
             await self._put(_Done())
@@ -188,8 +284,21 @@ class StreamController:
 
     def _status(self, kind: int, message: str = "", pts_ms: int = 0, block_index: int = 0, code: str = "",
                 utterance: Optional[pb.UtteranceProgress] = None) -> pb.ServerMessage:
-        return pb.ServerMessage(status=pb.StatusEvent(kind=kind, message=message, pts_ms=pts_ms, block_index=block_index,
-                                                      code=code, counters=self.counters.proto(), utterance=utterance))
+        """A status event; `block_index` is the pipe's (this stream's), sent as the session-level index."""
+        return pb.ServerMessage(status=pb.StatusEvent(kind=kind, message=message, pts_ms=pts_ms,
+                                                      block_index=self.s.block_base + block_index, code=code,
+                                                      counters=self.totals.proto(), utterance=utterance))
+
+    async def _warn(self, code: str, message: str, pts_ms: int) -> bool:
+        """WARNING `code`, unless one of that code went out less than `warning_interval_s` ago. True if sent."""
+        now = self.clock()
+        last = self._warned_at.get(code)
+        if last is not None and now - last < self.s.warning_interval_s:
+            return False
+        self._warned_at[code] = now
+        await self._put(self._status(pb.StatusEvent.KIND_WARNING, message, pts_ms=pts_ms, block_index=self.next_block,
+                                     code=code))
+        return True
 
     # ----- utterances -------------------------------------------------------------------------------------------
     def _utterance_audio(self, start: int, end: int) -> None:
@@ -244,6 +353,8 @@ class StreamController:
 
     async def _read(self, requests: AsyncIterator) -> None:
         async for msg in requests:
+            if not isinstance(msg, pb.ClientMessage):  # a message the server could not parse (api/grpc_service.py)
+                raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed ClientMessage: {msg}")
             kind = msg.WhichOneof("kind")
             if kind == "audio":
                 await self._on_audio(msg.audio)
@@ -260,6 +371,15 @@ class StreamController:
                 raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "Hello may only be the first message of a stream")
             else:
                 raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "empty ClientMessage")
+        cancelled = getattr(requests, "is_cancelled", None)  # Serve's gRPCInputStream: the client went away
+        if callable(cancelled) and cancelled():
+            self.cancelled = True
+            for t in self._tasks:  # stop generating at once (this task ends by raising below)
+                if t is not asyncio.current_task():
+                    t.cancel()
+            if self.on_cancel is not None:
+                await self.on_cancel()
+            raise StreamCancelled(f"session {self.sid}: the client cancelled the stream")
         self.end_of_input = True  # END_OF_INPUT or half-close
         await self._end_utterance()
         self._wake.set()
@@ -278,6 +398,7 @@ class StreamController:
         if not len(pcm):
             return  # keep-alive
         self.last_audio_at = self.clock()
+        self.last_audio_wall_ms = int(time.time() * 1000)
         # The client's stream clock, plus how far INTERRUPTs moved the server's ahead of it (see below).
         start = chunk.pts_ms * self.s.sample_rate // 1000 + self._pts_shift
         tol = self.s.sample_rate // 1000
@@ -300,9 +421,22 @@ class StreamController:
         if start < timeline_end:  # its span was already filled with silence: late
             late = min(len(pcm), timeline_end - start)
             self.counters.audio_samples_late += late
+            self._late_unreported += late
+            at_ms = self._ms(start - self._pts_shift)
+            if await self._warn("audio_late", f"dropped {self._ms(self._late_unreported)} ms of client audio that "
+                                              f"arrived after its span was filled with silence (latest at pts "
+                                              f"{at_ms} ms, {self._ms(self.counters.audio_samples_late)} ms late on "
+                                              "this stream so far); send audio no later than real time",
+                                pts_ms=at_ms):
+                self._late_unreported = 0
             pcm = pcm[late:]
             start += late
         elif start > timeline_end:  # a gap on the client's clock: silence
+            room = int(self.s.max_buffer_s * self.s.sample_rate) - len(self._buf)
+            if start - timeline_end > room:  # checked before allocating: the gap would be buffered as silence
+                raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"audio pts_ms {chunk.pts_ms} leaves a gap of {self._ms(start - timeline_end)} ms after "
+                               f"the audio received; at most {self.s.max_buffer_s:g} s of audio may be buffered")
             self._buf = np.concatenate([self._buf, np.zeros(start - timeline_end, np.float32)])
         self.real_end = start + len(pcm) if len(pcm) else max(self.real_end, start)
         if len(pcm):
@@ -455,10 +589,11 @@ class StreamController:
         for u in self.utterances:  # the input ended (idle timeout) with an utterance still open: all of it played
             u.closed = True
         await self._ended_utterances()
-        await self._put(self._status(pb.StatusEvent.KIND_DRAINED, self.end_reason, pts_ms=self._ms(self.clock_pos),
-                                     block_index=self.next_block))
-        await self._put(self._status(pb.StatusEvent.KIND_END_OF_STREAM, self.end_reason,
-                                     pts_ms=self._ms(self.clock_pos), block_index=self.next_block))
+        code = self.end_reason
+        await self._put(self._status(pb.StatusEvent.KIND_DRAINED, "every block of this stream's audio was delivered",
+                                     pts_ms=self._ms(self.clock_pos), block_index=self.next_block, code=code))
+        await self._put(self._status(pb.StatusEvent.KIND_END_OF_STREAM, END_MESSAGES.get(code, code),
+                                     pts_ms=self._ms(self.clock_pos), block_index=self.next_block, code=code))
         await self._put(_Done())
 
     async def _deliver(self, item: BlockItem) -> None:
@@ -486,7 +621,7 @@ class StreamController:
             self.speaking = not meta.is_idle
             kind = pb.StatusEvent.KIND_SPEAKING if self.speaking else pb.StatusEvent.KIND_IDLE
             await self._put(self._status(kind, pts_ms=meta.pts_ms, block_index=b))
-        chunk = pb.VideoChunk(block_index=b, pts_ms=meta.pts_ms, duration_ms=int(round(self.s.block_ms)),
+        chunk = pb.VideoChunk(block_index=self.s.block_base + b, pts_ms=meta.pts_ms, duration_ms=int(round(self.s.block_ms)),
                               is_idle=meta.is_idle, width=self.s.width, height=self.s.height,
                               num_frames=self.s.frames_per_block)
         frames = self.s.frames_per_block
@@ -513,16 +648,21 @@ class StreamController:
         await self._put(pb.ServerMessage(video=chunk))
         self.delivered_end = max(self.delivered_end, block_end)
         await self._ended_utterances()
+        done = self.clock()
+        audio_end_s = (meta.pts_ms + self.s.block_ms) / 1000.0
+        # delivery lag behind the audio span's end on the stream's wall clock, as anchored when the block's audio was
+        # complete (later audio arriving late must not make this block look early)
+        lag_s = done - (meta.anchor + audio_end_s)
+        if lag_s > self.s.behind_realtime_s:
+            await self._warn("behind_realtime", f"the video is {lag_s:.2f} s behind real time (block at pts "
+                                                f"{meta.pts_ms} ms delivered {lag_s:.2f} s after its audio ended; "
+                                                f"threshold {self.s.behind_realtime_s:g} s): generation is slower "
+                                                "than real time", pts_ms=meta.pts_ms)
         if self.on_block is not None:
-            done = self.clock()
-            audio_end_s = (meta.pts_ms + self.s.block_ms) / 1000.0
             await self.on_block({"block_index": b, "is_idle": meta.is_idle, "latency_s": now - meta.sent_at,
                                  "pts_ms": meta.pts_ms, "wall_s": now - self.t0, "delivered": True,
                                  "frames": frames, "stamps": item.stamps, "received_ns": received_ns,
-                                 # delivery lag behind the audio span's end on the stream's wall clock, as anchored
-                                 # when the block's audio was complete (later audio arriving late must not make
-                                 # this block look early)
-                                 "lag_s": done - (meta.anchor + audio_end_s),
+                                 "lag_s": lag_s,
                                  # video shown (frames / fps) minus the audio span the chunk was made from
                                  "av_skew_s": frames / self.s.fps - self.s.block_ms / 1000.0})
 

@@ -8,6 +8,11 @@ brings the capacity. Otherwise (or when the wait runs out) it is refused with `A
 to RESOURCE_EXHAUSTED with a `retry-after-ms` hint. Admitted sessions keep their slots until their stream opens
 (then they count as live) or they close.
 
+Admission limit: a stage deployment never holds more admitted sessions than its maximum size allows (max replicas x
+capacity per replica; the fixed replica count without autoscaling). Every session not yet closed counts, streaming or
+not (an IDLE session keeps its promise of capacity), in `admitted:{deployment}` of the registry; CreateSession beyond
+it is refused at once (RESOURCE_EXHAUSTED: growing cannot help), in the same atomic step that reserves the slots.
+
 A new stream re-validates the recorded route (`place_route`): a hop whose replica is gone (crashed, or stopped by a
 scale-down) or full is re-placed on another replica (the pipeline state is rebuilt per stream from the session
 store, so an idle session moves freely; a streaming session never moves: a stopping replica drains it).
@@ -53,6 +58,9 @@ class Admission:
             fixed = getattr(app.replicas, role)
             self.max_replicas[dep] = auto.max_of(role, app.replicas) if auto.enabled else fixed
             self.min_replicas[dep] = auto.min_of(role, app.replicas) if auto.enabled else fixed
+        # deployment -> the most sessions it may hold admitted at once: its maximum size x sessions per replica
+        self.limits: Dict[str, int] = {dep: self.max_replicas[dep] * getattr(app.capacity, app.role_of(dep))
+                                       for dep in self.deployments}
         self.waiting = 0  # CreateSession calls parked for a slot (the custom autoscaling metric)
         self._on_wait = on_wait
         self._on_reroute = on_reroute
@@ -63,7 +71,7 @@ class Admission:
 
     def can_grow(self, exc: NoReplicaAvailableError) -> bool:
         """May capacity still appear on every deployment that is full? (autoscaling on and each below its max)."""
-        if not self.autoscaling:
+        if not self.autoscaling or exc.at_limit:
             return False
         return all(self.max_replicas.get(dep) is None or registered < self.max_replicas[dep]
                    for dep, registered in exc.full.items())
@@ -84,7 +92,8 @@ class Admission:
                     grow = self.can_grow(exc)
                     if not grow or time.monotonic() >= deadline:
                         self._observe("refused", time.monotonic() - started)
-                        why = "at its maximum size" if not grow else f"still full after waiting {wait_s:g} s for it to grow"
+                        why = ("at its maximum size" if not grow or exc.at_limit
+                               else f"still full after waiting {wait_s:g} s for it to grow")
                         raise AdmissionRefused(f"no capacity for a new session: {exc}; the cluster is {why}",
                                                self.app.retry_after_ms) from exc
                     if not parked:
@@ -96,7 +105,8 @@ class Admission:
                 self.waiting -= 1
 
     async def reserve_route(self, registry: ReplicaRegistry, session_id: str) -> List[RouteHop]:
-        return await self.admit(lambda: registry.reserve_route(self.deployments, session_id))
+        return await self.admit(lambda: registry.reserve_route(self.deployments, session_id, limits=self.limits,
+                                                                admitted_ttl_s=self.app.timeouts.session_ttl_s))
 
     async def place_route(self, registry: ReplicaRegistry, session_id: str, route: List[RouteHop]) -> List[RouteHop]:
         """Keep this session's slot on every hop of its recorded route that still stands; re-place the others."""

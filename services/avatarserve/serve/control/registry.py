@@ -9,6 +9,14 @@ Keys (all under an optional `namespace` prefix, e.g. "avatarserve:"):
     resv:{deployment}:{replica_id}      zset  session_id -> expiry (Redis server ms): admitted
                                               sessions that hold a slot but are not streaming yet
     route:{session_id}                  string JSON [{"deployment", "replica_id", "address"}, ...]
+    admitted:{deployment}               zset  session_id -> expiry (Redis server ms): every session admitted on
+                                              the deployment and not closed yet, whether it streams or not
+
+Admission limit. A replica's reservation becomes "live" while the session streams and is counted nowhere once its
+stream ended (an IDLE session moves freely), so per-replica slots alone do not bound how many sessions are admitted.
+`reserve_route` takes a per-deployment limit (the admission policy passes max replicas x capacity) and refuses, in the
+same atomic step, when `admitted:{deployment}` already holds that many sessions; a session leaves it when it closes
+(`release`) or, if nobody closes it, when its entry expires (`touch_admission` restarts that while it lives).
 
 A replica's load is `live_sessions` (its own count, written by its heartbeat) plus its unexpired
 reservations. Picking a replica reserves a slot for the session in the same atomic script, so
@@ -30,14 +38,18 @@ import json
 import logging
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from avatarserve.serve.config import RedisTimeouts
+from avatarserve.serve.control.redis_client import RedisOutage, RedisUnavailableError, connect, translate_unavailable
+
 __all__ = [
     "NoReplicaAvailableError",
     "RegistryError",
+    "RegistryUnavailableError",
     "ReplicaHeartbeat",
     "ReplicaInfo",
     "ReplicaRegistry",
@@ -52,12 +64,19 @@ class RegistryError(Exception):
     """Registry misuse or unreadable registry data."""
 
 
+class RegistryUnavailableError(RegistryError, RedisUnavailableError):
+    """Redis is unreachable (every public coroutine method of ReplicaRegistry raises this for redis' connection
+    errors and timeouts)."""
+
+
 class NoReplicaAvailableError(RegistryError):
     """No live replica of a deployment has a free session slot."""
 
     def __init__(self, message: str, *, deployment: str = "", registered: int = 0,
-                 full: Optional[dict[str, int]] = None) -> None:
+                 full: Optional[dict[str, int]] = None, at_limit: Optional[dict[str, int]] = None) -> None:
         super().__init__(message)
+        # deployments whose admission limit is reached -> that limit (more replicas would not help)
+        self.at_limit: dict[str, int] = dict(at_limit or {})
         self.deployment = deployment
         self.registered = registered  # live replicas of that deployment (0: none registered)
         # every deployment without a free slot -> its live replicas (`reserve_route` checks them all)
@@ -197,14 +216,28 @@ return out
 """
 
 # All-or-nothing admission across deployments. KEYS: the index zset of each deployment, in route order.
-# ARGV: namespace, session id, reservation ttl ms, then the deployment names (same order as KEYS).
-# Returns {1, position, live replicas seen, position, seen, ...} for every deployment without a free slot (1-based
-# positions; nothing reserved), or {2, id1, address1, id2, address2, ...}.
+# ARGV: namespace, session id, reservation ttl ms, admitted ttl ms, then the deployment names (same order as KEYS),
+# then each deployment's admission limit (0: none).
+# Returns {3, position, limit, ...} for every deployment at its admission limit, else {1, position, live replicas
+# seen, position, seen, ...} for every deployment without a free slot (1-based positions; nothing reserved in either
+# case), or {2, id1, address1, id2, address2, ...}.
 _RESERVE_ROUTE = _NOW + _HELD + _BEST + """
-local ns, sid, rttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local ns, sid, rttl, attl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local n = #KEYS
+local limited = {3}
+for i = 1, n do
+  local limit = tonumber(ARGV[4 + n + i])
+  local akey = ns .. 'admitted:' .. ARGV[4 + i]
+  redis.call('ZREMRANGEBYSCORE', akey, '-inf', now)
+  if limit > 0 and not redis.call('ZSCORE', akey, sid) and redis.call('ZCARD', akey) >= limit then
+    limited[#limited + 1] = i
+    limited[#limited + 1] = limit
+  end
+end
+if #limited > 1 then return limited end
 local chosen, failed = {}, {1}
-for i = 1, #KEYS do
-  local dep = ARGV[3 + i]
+for i = 1, n do
+  local dep = ARGV[4 + i]
   local best, h, seen = best_of(KEYS[i], ns .. 'replica:' .. dep .. ':', ns .. 'resv:' .. dep .. ':', '')
   if best == nil then
     failed[#failed + 1] = i
@@ -214,15 +247,30 @@ for i = 1, #KEYS do
 end
 if #failed > 1 then return failed end
 local out = {2}
-for i = 1, #KEYS do
-  local dep = ARGV[3 + i]
+for i = 1, n do
+  local dep = ARGV[4 + i]
   local rkey = ns .. 'resv:' .. dep .. ':' .. chosen[i]
   redis.call('ZADD', rkey, now + rttl, sid)
   redis.call('PEXPIRE', rkey, rttl * 2)
+  local akey = ns .. 'admitted:' .. dep
+  redis.call('ZADD', akey, now + attl, sid)
+  if redis.call('PTTL', akey) < attl * 2 then redis.call('PEXPIRE', akey, attl * 2) end
   out[#out + 1] = chosen[i]
   out[#out + 1] = redis.call('HGET', ns .. 'replica:' .. dep .. ':' .. chosen[i], 'address')
 end
 return out
+"""
+
+# Restart the admission entries of a session. ARGV: namespace, session id, admitted ttl ms, then deployment names.
+_TOUCH_ADMISSION = _NOW + """
+local ns, sid, attl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local n = 0
+for i = 4, #ARGV do
+  local akey = ns .. 'admitted:' .. ARGV[i]
+  n = n + redis.call('ZADD', akey, 'XX', 'CH', now + attl, sid)
+  if redis.call('PTTL', akey) < attl * 2 then redis.call('PEXPIRE', akey, attl * 2) end
+end
+return n
 """
 
 # Re-validate the hops of a recorded route for a new stream. ARGV: namespace, session id, reservation ttl ms, then
@@ -252,6 +300,7 @@ return out
 """
 
 
+@translate_unavailable(RegistryUnavailableError)
 class ReplicaRegistry:
     """Replica registry, reservations and session routes in one Redis; safe to share across tasks of one loop."""
 
@@ -269,11 +318,14 @@ class ReplicaRegistry:
         self._pick = client.register_script(_PICK)
         self._reserve_route = client.register_script(_RESERVE_ROUTE)
         self._reserve_hops = client.register_script(_RESERVE_HOPS)
+        self._touch_admission = client.register_script(_TOUCH_ADMISSION)
+        self._tracked_routes: dict[str, tuple[list[RouteHop], float]] = {}  # routes a gateway streams: sid -> (hops, ttl)
 
     @classmethod
-    def from_url(cls, url: str, *, namespace: str = "", ttl_s: float = 10.0,
-                 reservation_ttl_s: float = 60.0) -> "ReplicaRegistry":
-        return cls(aioredis.Redis.from_url(url, decode_responses=True), namespace=namespace, ttl_s=ttl_s,
+    def from_url(cls, url: str, *, namespace: str = "", ttl_s: float = 10.0, reservation_ttl_s: float = 60.0,
+                 redis_options: Optional[RedisTimeouts] = None) -> "ReplicaRegistry":
+        """A registry on its own client (control/redis_client.py `connect`: named timeouts, reconnects at once)."""
+        return cls(connect(url, redis_options, decode_responses=True), namespace=namespace, ttl_s=ttl_s,
                    reservation_ttl_s=reservation_ttl_s)
 
     async def close(self) -> None:
@@ -380,16 +432,33 @@ class ReplicaRegistry:
         live = int(h.get("live_sessions", 0))
         return ReplicaInfo._from_hash(h, max(0, held - live))
 
-    async def reserve_route(self, deployments: Sequence[str], session_id: str) -> list[RouteHop]:
+    async def reserve_route(self, deployments: Sequence[str], session_id: str, *,
+                            limits: Optional[Mapping[str, int]] = None, admitted_ttl_s: float = 3600.0) -> list[RouteHop]:
         """Pick the least-loaded replica of every deployment and reserve a slot on each for `session_id`, all or
-        nothing: when one deployment has no free slot, nothing is reserved and `NoReplicaAvailableError` names it."""
+        nothing: when one deployment has no free slot, nothing is reserved and `NoReplicaAvailableError` names it.
+
+        `limits` (deployment -> sessions): refuse, all or nothing, when a deployment already has that many admitted
+        sessions (`NoReplicaAvailableError.at_limit`). The session counts as admitted on every deployment of the
+        route until `release` (or `admitted_ttl_s` after its last `touch_admission`)."""
         if not deployments:
             raise RegistryError("a route needs at least one deployment")
         for d in deployments:
             self._check_deployment(d)
         self._route_key(session_id)
+        if admitted_ttl_s <= 0:
+            raise RegistryError(f"admitted_ttl_s must be > 0, got {admitted_ttl_s}")
+        lim = [int((limits or {}).get(d, 0)) for d in deployments]
+        if any(x < 0 for x in lim):
+            raise RegistryError(f"admission limits must be >= 0, got {dict(zip(deployments, lim))}")
         res = await self._reserve_route(keys=[self._index_key(d) for d in deployments],
-                                        args=[self.namespace, session_id, self._reservation_ms, *deployments])
+                                        args=[self.namespace, session_id, self._reservation_ms,
+                                              max(1, int(admitted_ttl_s * 1000)), *deployments, *lim])
+        if int(res[0]) == 3:
+            at_limit = {deployments[int(pos) - 1]: int(n) for pos, n in zip(res[1::2], res[2::2])}
+            msg = "; ".join(f"{d!r} already holds its maximum of {n} sessions (max replicas x capacity)"
+                            for d, n in at_limit.items())
+            dep = next(iter(at_limit))
+            raise NoReplicaAvailableError(msg, deployment=dep, full={d: 0 for d in at_limit}, at_limit=at_limit)
         if int(res[0]) != 2:
             full = {deployments[int(pos) - 1]: int(seen) for pos, seen in zip(res[1::2], res[2::2])}
             dep, seen = next(iter(full.items()))
@@ -413,13 +482,32 @@ class ReplicaRegistry:
         return RouteReservation(ok, gone, full)
 
     async def release(self, session_id: str, hops: Sequence[RouteHop]) -> None:
-        """Drop this session's reservations on `hops` (session closed or admission abandoned)."""
+        """Drop this session's reservations on `hops` and its admission on their deployments (session closed or
+        admission abandoned)."""
         if not hops:
             return
         async with self._r.pipeline(transaction=False) as p:
             for h in hops:
                 p.zrem(self._resv_prefix(h.deployment) + h.replica_id, session_id)
+                p.zrem(f"{self.namespace}admitted:{h.deployment}", session_id)
             await p.execute()
+
+    async def touch_admission(self, session_id: str, deployments: Sequence[str], ttl_s: float) -> int:
+        """Restart the expiry of this session's admission on `deployments` (while it lives); returns how many
+        entries were there."""
+        if not deployments:
+            return 0
+        for d in deployments:
+            self._check_deployment(d)
+        return int(await self._touch_admission(keys=[], args=[self.namespace, session_id,
+                                                                max(1, int(ttl_s * 1000)), *deployments]))
+
+    async def admitted(self, deployment: str) -> int:
+        """Sessions admitted on `deployment` and not released (unexpired entries)."""
+        self._check_deployment(deployment)
+        now_s, now_us = await self._r.time()
+        now_ms = int(now_s) * 1000 + int(now_us) // 1000
+        return int(await self._r.zcount(f"{self.namespace}admitted:{deployment}", now_ms, "+inf"))
 
     # ------------------------------------------------------------------ routes
 
@@ -430,6 +518,8 @@ class ReplicaRegistry:
         if ttl_s <= 0:
             raise RegistryError(f"route ttl must be > 0, got {ttl_s}")
         payload = json.dumps([asdict(h) for h in hops])
+        if session_id in self._tracked_routes:
+            self._tracked_routes[session_id] = (list(hops), ttl_s)
         await self._r.set(self._route_key(session_id), payload, px=max(1, int(ttl_s * 1000)))
 
     async def get_route(self, session_id: str) -> Optional[list[RouteHop]]:
@@ -446,14 +536,42 @@ class ReplicaRegistry:
         return bool(await self._r.pexpire(self._route_key(session_id), max(1, int(ttl_s * 1000))))
 
     async def remove_route(self, session_id: str) -> bool:
+        self._tracked_routes.pop(session_id, None)
         return bool(await self._r.delete(self._route_key(session_id)))
+
+    # ------------------------------------------------------------------ routes a gateway streams (Redis outages)
+
+    def track_route(self, session_id: str, hops: Sequence[RouteHop], *, ttl_s: float) -> None:
+        """Hold the route of a session this gateway streams in memory (kept current by `record_route`), so
+        `restore_routes` can write it back after Redis lost it (control/live_sessions.py)."""
+        self._tracked_routes[session_id] = (list(hops), ttl_s)
+
+    def untrack_route(self, session_id: str) -> None:
+        self._tracked_routes.pop(session_id, None)
+
+    async def restore_routes(self, session_ids: Optional[Sequence[str]] = None) -> int:
+        """Write back every tracked route (or those of `session_ids`) that Redis lacks (SET NX, TTL restarted);
+        returns how many were missing."""
+        sids = [s for s in (self._tracked_routes if session_ids is None else session_ids) if s in self._tracked_routes]
+        if not sids:
+            return 0
+        async with self._r.pipeline(transaction=False) as p:
+            for sid in sids:
+                hops, ttl_s = self._tracked_routes[sid]
+                ttl_ms = max(1, int(ttl_s * 1000))
+                p.set(self._route_key(sid), json.dumps([asdict(h) for h in hops]), px=ttl_ms, nx=True)
+                p.pexpire(self._route_key(sid), ttl_ms)
+            res = await p.execute()
+        return sum(1 for ok in res[::2] if ok)
 
 
 class ReplicaHeartbeat:
     """Background task that keeps one replica's record fresh (every `interval_s`).
 
-    `info` is called at each beat so live_sessions stays current. Redis hiccups are logged and
-    retried at the next beat; `stop()` deregisters the replica.
+    `info` is called at each beat so live_sessions stays current. Every beat writes the whole record (the script
+    HSETs every field and re-adds the index entry), so a replica re-registers on its first beat after Redis lost its
+    data. An unreachable Redis never stops the beats (nor the replica: its live sessions go on): the outage is logged
+    once when it starts and once when it ends (`outage`); `stop()` deregisters the replica.
     """
 
     def __init__(self, registry: ReplicaRegistry, info: Callable[[], ReplicaInfo], *, interval_s: float) -> None:
@@ -464,24 +582,41 @@ class ReplicaHeartbeat:
         self.interval_s = interval_s
         self._task: Optional[asyncio.Task[None]] = None
         self.beats = 0
+        self.failed_beats = 0
         self.reserved = 0  # reservations pending on this replica, as of the last beat
+        self.outage = RedisOutage("replica heartbeat", consequence="the replica goes on serving its live sessions "
+                                                                   "and re-registers on its first beat once Redis is back")
 
     async def start(self) -> None:
         """Register once (errors propagate: a replica that cannot register should not go live), then beat."""
         if self._task is not None:
             raise RegistryError("heartbeat already started")
-        _, self.reserved = await self._registry.heartbeat(self._info())
+        info = self._info()
+        self.outage.who = f"{info.deployment}/{info.replica_id} heartbeat"
+        _, self.reserved = await self._registry.heartbeat(info)
         self.beats = 1
         self._task = asyncio.get_running_loop().create_task(self._run(), name="replica-heartbeat")
 
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
-            try:
-                _, self.reserved = await self._registry.heartbeat(self._info())
-                self.beats += 1
-            except (RedisError, OSError) as exc:
-                log.warning("replica heartbeat failed: %s", exc)
+            await self.beat()
+
+    async def beat(self) -> bool:
+        """One heartbeat (re-registers a record Redis lost). Never raises: False when it did not reach Redis."""
+        try:
+            _, self.reserved = await self._registry.heartbeat(self._info())
+        except RedisUnavailableError as exc:
+            self.failed_beats += 1
+            self.outage.failed(exc)
+            return False
+        except Exception as exc:  # noqa: BLE001 - a beat that fails for another reason must not end the beats
+            self.failed_beats += 1
+            log.warning("%s failed: %s: %s", self.outage.who, type(exc).__name__, exc)
+            return False
+        self.beats += 1
+        self.outage.recovered()
+        return True
 
     async def stop(self, *, deregister: bool = True) -> None:
         task, self._task = self._task, None
@@ -492,5 +627,5 @@ class ReplicaHeartbeat:
             info = self._info()
             try:
                 await self._registry.deregister(info.deployment, info.replica_id)
-            except (RedisError, OSError) as exc:
-                log.warning("replica deregistration failed: %s", exc)
+            except (RedisUnavailableError, RedisError, OSError) as exc:
+                log.warning("replica deregistration failed (its record expires with its TTL): %s", exc)

@@ -29,10 +29,12 @@ from avatarserve.engine.bundle import ModelBundle, build_bundle
 from avatarserve.engine.errors import BlockOrderError, EngineError, InvalidInput, SessionExists, SessionNotFound
 from avatarserve.model.text_encoder import PromptError
 from avatarserve.engine.runners import AudioEncoderRunner, BlockPayload, DecoderRunner, StageRunner, adaptive_sink_latent
-from avatarserve.serve.config import ModelSection, format_validation_error, resolve_redis_url
+from avatarserve.serve.config import ModelSection, RedisTimeouts, format_validation_error, resolve_redis_url
+from avatarserve.serve.control.redis_client import RedisOutage, RedisUnavailableError
 from avatarserve.serve.dataplane.media import encode_h264_block, encode_jpeg_frames
 from avatarserve.serve.control.session_store import SessionStore, StoreError, sink_to_bytes
-from avatarserve.serve.dataplane.transport import BlockItem, ControlBoard, ControlItem, ErrorCode, StageError
+from avatarserve.serve.dataplane.transport import (REPLAY_KEY, START_BLOCK_KEY, BlockItem, ControlBoard, ControlItem,
+                                                  ErrorCode, StageError)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,7 @@ class EngineHandlerConfig(BaseModel):
     redis_url: Optional[str]  # None: REDIS_URL / REDIS_PASSWORD of this process (serve/config.py resolve_redis_url)
     namespace: str
     session_ttl_s: float = Field(gt=0)
+    redis: RedisTimeouts  # timeouts.redis: the store's client, outages
     torch_threads: int = Field(ge=1)
     step: Optional[int] = Field(None, ge=0, description="Denoise stages only: the denoising step it runs.")
     aas_wait_s: Optional[float] = Field(None, gt=0, description="Denoise stages only: timeouts.aas_wait_s.")
@@ -116,7 +119,7 @@ class _EngineHandler:
         # Created lazily on the data-plane loop (redis.asyncio clients bind to the loop that uses them).
         if self._store is None:
             self._store = SessionStore.from_url(resolve_redis_url(self.config.redis_url), namespace=self.config.namespace,
-                                                ttl_s=self.config.session_ttl_s)
+                                                ttl_s=self.config.session_ttl_s, redis_options=self.config.redis)
         return self._store
 
     async def _run(self, fn, *args):
@@ -138,8 +141,15 @@ class _EngineHandler:
             raise InvalidItem(f"session config is not JSON: {exc}") from exc
         if not isinstance(opts, dict):
             raise InvalidItem("session config must be a JSON object")
+        start = opts.get(START_BLOCK_KEY, 0)
+        if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+            raise InvalidItem(f"session config {START_BLOCK_KEY!r} must be an int >= 0, got {start!r}")
         self.session_options[session_id] = opts
         return opts
+
+    @staticmethod
+    def _start_block(opts: dict) -> int:
+        return int(opts.get(START_BLOCK_KEY, 0))
 
     def live_sessions(self) -> int:
         return len(self.session_options)
@@ -160,8 +170,8 @@ class AudioEncoderHandler(_EngineHandler):
         self.runner = AudioEncoderRunner(self.bundle.audio, self.stream)
 
     async def open_session(self, session_id: str, config: bytes) -> None:
-        self._options(session_id, config)
-        await self._run(self.runner.create, session_id)
+        opts = self._options(session_id, config)
+        await self._run(self.runner.create, session_id, self._start_block(opts))
 
     def _encode(self, session_id: str, pcm: np.ndarray) -> Optional[BlockPayload]:
         self.runner.push(session_id, pcm)
@@ -191,12 +201,15 @@ class DenoiseStageHandler(_EngineHandler):
         self.runner = StageRunner(self.step, b.transformer, b.schedule, self.stream)
         self.board = ControlBoard()
         self.aas_wait_s = self.config.aas_wait_s
+        self._aas_writes: Dict[str, asyncio.Task] = {}  # adaptive-sink latents Redis did not take yet (retried)
+        self._aas_outage = RedisOutage(f"{self.name} (adaptive-sink latent store)",
+                                       consequence="streams go on; the latent is stored once Redis is back")
 
     async def open_session(self, session_id: str, config: bytes) -> None:
-        self._options(session_id, config)
+        opts = self._options(session_id, config)
         sink = await self._sink(session_id)
         self.board.open(session_id)
-        await self._run(self.runner.create, session_id, sink)
+        await self._run(self.runner.create, session_id, sink, self._start_block(opts))
 
     async def on_control(self, session_id: str, item: ControlItem) -> None:
         self.board.publish(session_id, item)
@@ -220,13 +233,53 @@ class DenoiseStageHandler(_EngineHandler):
         aas = adaptive_sink_latent(self.stream, out) if self.runner.is_last else None
         if aas is not None:
             self.runner.set_aas_latent(session_id, aas)
-            try:
-                await self.store.set_aas_latent(session_id, aas)
-            except StoreError as exc:
-                raise StoreUnavailable(str(exc)) from exc
+            await self._store_aas(session_id, aas)
             items.append(ControlItem(kind=AAS_KIND, apply_from_block=self.stream.aas_after_blocks,
                                      tensors={"latent": aas}, origin=self.name))
         return items
+
+    async def _store_aas(self, session_id: str, aas: torch.Tensor) -> None:
+        """Store the adaptive-sink latent in the session's sink, for later streams of the session. This stream does
+        not need it (every stage gets it over the data plane), so a Redis that is unreachable, or that lost the sink
+        (the gateway writes it back), does not fail the stream: the write is retried in the background every
+        `timeouts.redis.probe_s` (outage logged once), until stored or the sink stays missing for
+        `write_back_grace_s` while Redis answers."""
+        try:
+            await self.store.set_aas_latent(session_id, aas)
+        except StoreError as exc:
+            if isinstance(exc, RedisUnavailableError):
+                self._aas_outage.failed(exc)
+            old = self._aas_writes.pop(session_id, None)
+            if old is not None:
+                old.cancel()
+            self._aas_writes[session_id] = asyncio.get_running_loop().create_task(
+                self._retry_store_aas(session_id, aas), name=f"{session_id}/aas-store")
+
+    async def _retry_store_aas(self, session_id: str, aas: torch.Tensor) -> None:
+        o = self.config.redis
+        missing_since: Optional[float] = None
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                await asyncio.sleep(o.probe_s)
+                try:
+                    await self.store.set_aas_latent(session_id, aas)
+                except RedisUnavailableError:
+                    missing_since = None
+                    continue
+                except StoreError as exc:  # Redis answers, the sink is not (yet) back
+                    missing_since = missing_since if missing_since is not None else loop.time()
+                    if loop.time() - missing_since >= o.write_back_grace_s:
+                        log.warning("%s: session %s: adaptive-sink latent not stored: %s (for %.0f s)", self.name,
+                                    session_id, exc, o.write_back_grace_s)
+                        return
+                    continue
+                self._aas_outage.recovered()
+                log.warning("%s: session %s: adaptive-sink latent stored after Redis came back", self.name, session_id)
+                return
+        finally:
+            if self._aas_writes.get(session_id) is asyncio.current_task():
+                self._aas_writes.pop(session_id, None)
 
     async def close_session(self, session_id: str) -> None:
         try:
@@ -260,12 +313,14 @@ class VaeDecoderHandler(_EngineHandler):
         return await self._run(self.prepare, image, prompt, seed)
 
     async def open_session(self, session_id: str, config: bytes) -> None:
-        self._options(session_id, config)
+        opts = self._options(session_id, config)
         sink = await self._sink(session_id)
-        await self._run(self.runner.create, session_id, sink)
+        await self._run(self.runner.create, session_id, sink, self._start_block(opts))
 
-    def _decode_encode(self, session_id: str, payload: BlockPayload) -> Dict[str, np.ndarray]:
+    def _decode_encode(self, session_id: str, payload: BlockPayload, replay: bool = False) -> Dict[str, np.ndarray]:
         frames = self.runner.decode(payload)
+        if replay:  # a block replayed to rebuild the session after a replica loss: the caller already has it
+            return {}
         opts = self.session_options.get(session_id, {})
         formats = opts.get("formats") or ["jpeg"]
         out: Dict[str, np.ndarray] = {}
@@ -282,7 +337,7 @@ class VaeDecoderHandler(_EngineHandler):
     async def process(self, session_id: str, item: BlockItem) -> list:
         payload = BlockPayload(session_id=session_id, block_index=item.block_index, pts_ms=item.pts_ms,
                                audio=torch.zeros(0), latents=item.tensor("latents").torch().clone())
-        tensors = await self._run(self._decode_encode, session_id, payload)
+        tensors = await self._run(self._decode_encode, session_id, payload, item.metadata.get(REPLAY_KEY) == "1")
         meta = dict(item.metadata)
         meta.update(num_frames=str(self.stream.frames_per_block), width=str(self.stream.width),
                     height=str(self.stream.height))

@@ -24,7 +24,9 @@ Per session, a hop runs five small tasks joined by bounded queues (size `queue_s
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import json
 import logging
 import socket
 import threading
@@ -55,6 +57,7 @@ from avatarserve.serve.dataplane.transport import (
     serialize_message,
     validate_session_id,
     SERVICE_NAME,
+    START_BLOCK_KEY,
 )
 from avatarserve.stage.v1 import stage_pb2 as pb
 
@@ -78,6 +81,11 @@ class StageHostConfig:
     port_range: Optional[Tuple[int, int]] = None  # bind the first free port in [lo, hi] (NetworkPolicy clusters)
     max_sessions: int = 64
     drain_timeout_s: float = 30.0  # how long a failed hop waits for blocks it passed on to finish
+    # Session recovery (serve/dataplane/recovery.py): when a pipe breaks (a hop was lost, not a clean end or a handler
+    # failure), keep the session's handler state this long for the gateway to reopen the pipe at a block <= the ones
+    # done here (0: free it at once), and keep the last `memo_blocks` results to send again instead of recomputing.
+    resume_hold_s: float = 0.0
+    memo_blocks: int = 0
     transport: TransportOptions = field(default_factory=TransportOptions)
 
     def __post_init__(self) -> None:
@@ -93,6 +101,8 @@ class StageHostConfig:
             raise StageError(f"max_sessions must be >= 1, got {self.max_sessions}")
         if self.drain_timeout_s <= 0:
             raise StageError(f"drain_timeout_s must be > 0, got {self.drain_timeout_s}")
+        if self.resume_hold_s < 0 or self.memo_blocks < 0:
+            raise StageError(f"resume_hold_s and memo_blocks must be >= 0, got {self.resume_hold_s}, {self.memo_blocks}")
 
 
 @dataclass(frozen=True)
@@ -115,10 +125,28 @@ def _code_of(exc: BaseException) -> ErrorCode:
     return exc.code if isinstance(exc, StageError) else ErrorCode.HANDLER_FAILED
 
 
+@dataclass
+class _Parked:
+    """A session whose pipe broke: its handler state is kept (for `resume_hold_s`) with the results of its last
+    blocks, so a reopened pipe continues it exactly."""
+
+    next_block: int  # the next block the handler expects
+    memo: "collections.deque[tuple[int, list[tuple[bool, pb.StageMessage]]]]"
+    timer: Optional[asyncio.Task[None]] = None
+
+    def covers(self, start_block: int) -> bool:
+        """Can blocks [start_block, next_block) be answered from the memo?"""
+        if start_block >= self.next_block:
+            return start_block == self.next_block
+        held = {b for b, _ in self.memo}
+        return all(b in held for b in range(start_block, self.next_block))
+
+
 class _HopSession:
     """State of one session at one hop; lives exactly as long as the upstream Pipe call."""
 
-    def __init__(self, host: "StageHost", session_id: str, route: list[str], config: bytes, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, host: "StageHost", session_id: str, route: list[str], config: bytes, context: grpc.aio.ServicerContext,
+                 resumed: Optional[_Parked] = None) -> None:
         self.host = host
         self.sid = session_id
         self.route = route
@@ -136,6 +164,15 @@ class _HopSession:
         self.closed = asyncio.Event()  # set once this hop freed the session's state (`StageHost._forget`)
         self.blocks_processed = 0
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.task: Optional[asyncio.Task[Any]] = None  # the Pipe call serving this session (cancelled to supersede it)
+        # Results of the last blocks (sent again when a reopened pipe replays them) and the next block the handler
+        # expects; carried over from a parked session when this pipe resumes one.
+        self.memo: collections.deque = resumed.memo if resumed else collections.deque(maxlen=host.config.memo_blocks)
+        self.next_block: Optional[int] = resumed.next_block if resumed else None
+        self.resumed = resumed is not None
+        self.clean_end = False  # end-of-stream passed through this hop: free the state, nothing to resume
+        self.inflight: Optional[tuple[BlockItem, int, int, asyncio.Task[Any]]] = None  # the block being computed
+        self.opening: Optional[asyncio.Task[None]] = None  # handler.open_session while it runs
 
     @property
     def name(self) -> str:
@@ -157,11 +194,20 @@ class _HopSession:
     async def run(self) -> None:
         handler = self.host.handler
         try:
-            try:
-                await handler.open_session(self.sid, self.config)
-            except Exception as exc:
-                await self.context.write(self._error(_code_of(exc), f"open_session failed: {_describe(exc)}"))
-                return
+            if not self.resumed:
+                # Shielded: a handler opens in an executor thread that a cancel does not stop; if the caller goes
+                # away meanwhile, `_cleanup` waits for the open and closes what it created (no stale session).
+                self.opening = asyncio.get_running_loop().create_task(handler.open_session(self.sid, self.config),
+                                                                      name=f"{self.sid}/open")
+                try:
+                    await asyncio.shield(self.opening)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self.opening = None
+                    await self.context.write(self._error(_code_of(exc), f"open_session failed: {_describe(exc)}"))
+                    return
+                self.opening = None
             self.handler_open = True
             hops: list[str] = []
             if self.route:
@@ -175,7 +221,8 @@ class _HopSession:
                         raw_responses=True,
                     )
                 except PipelineError as exc:
-                    err = pb.Error(session_id=self.sid, code=int(exc.code), message=exc.message, origin=exc.origin or self.name)
+                    err = pb.Error(session_id=self.sid, code=int(exc.code), message=exc.message, origin=exc.origin or self.name,
+                                   lost_hop=exc.lost_hop)
                     await self.context.write(pb.StageMessage(error=err))
                     return
             await self.context.write(pb.StageMessage(opened=pb.Opened(session_id=self.sid, hops=[self.name, *hops])))
@@ -198,6 +245,13 @@ class _HopSession:
 
     async def _cleanup(self) -> None:
         try:
+            if self.opening is not None:  # cancelled while the handler was opening: let it finish, then close it
+                opening, self.opening = self.opening, None
+                try:
+                    await opening
+                    self.handler_open = True
+                except BaseException:  # noqa: BLE001 - the open failed: nothing to close
+                    pass
             tasks = list(self.tasks.values())
             for t in tasks:
                 t.cancel()
@@ -207,10 +261,12 @@ class _HopSession:
                 await asyncio.gather(*tasks, return_exceptions=True)
             if self.handler_open:
                 self.handler_open = False
-                try:
-                    await self.host.handler.close_session(self.sid)
-                except Exception:
-                    log.exception("%s: close_session(%s) failed", self.name, self.sid)
+                settled = await self._settle_inflight()
+                if settled and self.host.config.resume_hold_s > 0 and not self.clean_end and not self.failed_here \
+                        and self.next_block is not None:
+                    self.host._park(self.sid, _Parked(self.next_block, self.memo))
+                else:
+                    await self.host._close_handler_session(self.sid)
         finally:
             self.host._forget(self)
 
@@ -264,7 +320,9 @@ class _HopSession:
         while True:
             msg = await self.context.read()
             if msg is grpc.aio.EOF:
-                await self.in_q.put(_End("upstream half-closed"))
+                # Callers end a pipe with an end-of-stream item; a bare half-close means the upstream hop went away.
+                # End like a lost hop (not a clean end), so every hop downstream keeps the session for a reopen.
+                self._abort(ErrorCode.UNAVAILABLE, "upstream closed the pipe without end-of-stream")
                 return
             try:
                 kind = message_kind(msg)
@@ -289,6 +347,7 @@ class _HopSession:
         while True:
             entry = await self.in_q.get()
             if isinstance(entry, _End):
+                self.clean_end = True
                 if self.call is not None:
                     await self.down_q.put(pb.StageMessage(end=pb.EndOfStream(session_id=self.sid, reason=entry.reason)))
                 else:
@@ -298,22 +357,63 @@ class _HopSession:
                 await self._fail(entry.code, entry.message)
                 return
             item, recv = entry
-            start = now_ns()
-            try:
-                outs = await handler.process(self.sid, item)
-                end = now_ns()
-                messages = self._encode_outputs(outs, item, HopStamp(self.name, recv, start, end))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                await self._fail(_code_of(exc), f"block {item.block_index}: {_describe(exc)}")
-                return
+            b = item.block_index
+            if self.next_block is not None and b < self.next_block:
+                # A reopened pipe replays a block this hop already did: send its results again (exact, no compute).
+                messages = next((m for mb, m in self.memo if mb == b), None)
+                if messages is None:
+                    await self._fail(ErrorCode.PROTOCOL, f"block {b} was done here and its result is no longer held "
+                                                         f"(next block {self.next_block})")
+                    return
+            else:
+                start = now_ns()
+                # Shielded: model work in an executor thread finishes even when this pipe is torn down, and the
+                # handler's state then includes the block; `_cleanup` waits for it before parking the session.
+                task = asyncio.get_running_loop().create_task(handler.process(self.sid, item), name=f"{self.sid}/{b}")
+                self.inflight = (item, recv, start, task)
+                try:
+                    outs = await asyncio.shield(task)
+                    messages = self._done(item, recv, start, outs)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self.inflight = None
+                    await self._fail(_code_of(exc), f"block {b}: {_describe(exc)}")
+                    return
             for downstream, msg in messages:
                 if downstream and self.call is not None:
                     await self.down_q.put(msg)
                 else:
                     await self._put_up(msg)
             self.blocks_processed += 1
+
+    def _done(self, item: BlockItem, recv: int, start: int, outs: Any) -> list[tuple[bool, pb.StageMessage]]:
+        """A block the handler finished: its messages, remembered for a reopened pipe."""
+        self.inflight = None
+        messages = self._encode_outputs(outs, item, HopStamp(self.name, recv, start, now_ns()))
+        self.next_block = item.block_index + 1
+        if self.memo.maxlen:
+            self.memo.append((item.block_index, messages))
+        return messages
+
+    async def _settle_inflight(self) -> bool:
+        """Wait for a block the handler was computing when the pipe was torn down; False if it failed."""
+        if self.inflight is None:
+            return True
+        item, recv, start, task = self.inflight
+        try:
+            # Bounded: a handler stuck on a block (the reason a caller may have given up on this pipe) must not
+            # keep the session here forever.
+            outs = await asyncio.wait_for(asyncio.shield(task), self.host.config.drain_timeout_s)
+            self._done(item, recv, start, outs)
+            return True
+        except BaseException:  # noqa: BLE001 - the block failed, was cancelled or is stuck: the state is unknown
+            self.inflight = None
+            if not task.done():
+                log.warning("%s: session %s: block %d still running after %g s; freeing the session", self.name,
+                            self.sid, item.block_index, self.host.config.drain_timeout_s)
+                task.cancel()
+            return False
 
     def _encode_outputs(self, outs: Any, item: BlockItem, stamp: HopStamp) -> list[tuple[bool, pb.StageMessage]]:
         if not isinstance(outs, (list, tuple)):
@@ -375,6 +475,7 @@ class _HopSession:
                             return
                         await self._put_up(raw)
                     elif kind in ("end", "error"):
+                        self.clean_end = self.clean_end or kind == "end"
                         if not self.failed_here:
                             if kind == "error":
                                 self._cancel("reader", "worker", "sender")
@@ -389,7 +490,9 @@ class _HopSession:
                 problem = f"next hop {next_hop}: {exc}"
             if not self.failed_here:
                 self._cancel("reader", "worker", "sender")
-                await self._put_up(self._error(ErrorCode.UNAVAILABLE, problem), terminal=True)
+                lost = self._error(ErrorCode.UNAVAILABLE, problem)
+                lost.error.lost_hop = next_hop
+                await self._put_up(lost, terminal=True)
         finally:
             self.downstream_done.set()
 
@@ -407,6 +510,15 @@ class _HopSession:
             self._abort(_code_of(exc), f"on_control({item.kind!r}) failed: {_describe(exc)}")
             return False
         return True
+
+
+def _start_block(config: bytes) -> Optional[int]:
+    """The start block of a reopened pipe (`START_BLOCK_KEY` in the session config JSON); None for a fresh one."""
+    try:
+        value = json.loads(config or b"{}").get(START_BLOCK_KEY)
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _check_handler(handler: Any) -> None:
@@ -429,6 +541,7 @@ class StageHost:
         self._server: Optional[grpc.aio.Server] = None
         self._channels = ChannelPool(self.config.transport)
         self._sessions: dict[str, _HopSession] = {}
+        self._parked: dict[str, _Parked] = {}  # sessions whose pipe broke, kept for a reopen (resume_hold_s)
         self._closing: set[asyncio.Task[None]] = set()
         self._address: Optional[str] = None
         self.sessions_opened = 0
@@ -453,16 +566,48 @@ class StageHost:
 
     @property
     def live_sessions(self) -> int:
-        return len(self._sessions)
+        return len(self._sessions) + len(self._parked)
+
+    @property
+    def parked_sessions(self) -> int:
+        return len(self._parked)
+
+    async def _close_handler_session(self, sid: str) -> None:
+        try:
+            await self.handler.close_session(sid)
+        except Exception:
+            log.exception("%s: close_session(%s) failed", self.name, sid)
+
+    def _park(self, sid: str, parked: _Parked) -> None:
+        """Keep a broken pipe's session state for `resume_hold_s` (then free it)."""
+        async def expire() -> None:
+            await asyncio.sleep(self.config.resume_hold_s)
+            if self._parked.get(sid) is parked:
+                del self._parked[sid]
+                log.info("%s: session %s was not reopened within %g s; freed", self.name, sid, self.config.resume_hold_s)
+                await self._close_handler_session(sid)
+
+        old = self._parked.pop(sid, None)
+        if old is not None and old.timer is not None:
+            old.timer.cancel()
+        parked.timer = asyncio.get_running_loop().create_task(expire(), name=f"{sid}/parked")
+        self._parked[sid] = parked
+
+    def _unpark(self, sid: str) -> Optional[_Parked]:
+        parked = self._parked.pop(sid, None)
+        if parked is not None and parked.timer is not None:
+            parked.timer.cancel()
+        return parked
 
     def session_ids(self) -> list[str]:
-        return list(self._sessions)
+        return list(self._sessions) + [sid for sid in self._parked if sid not in self._sessions]
 
     def stats(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "address": self._address,
-            "live_sessions": len(self._sessions),
+            "live_sessions": self.live_sessions,
+            "parked_sessions": len(self._parked),
             "capacity": self.config.max_sessions,
             "sessions_opened": self.sessions_opened,
             "sessions_closed": self.sessions_closed,
@@ -521,6 +666,10 @@ class StageHost:
             await server.stop(grace_s)
         if self._closing:
             await asyncio.gather(*list(self._closing), return_exceptions=True)
+        for sid in list(self._parked):
+            self._unpark(sid)
+            if self.handler is not None:
+                await self._close_handler_session(sid)
         await self._channels.close()
         self._address = None
 
@@ -561,20 +710,40 @@ class StageHost:
             await context.write(self._reject(sid, ErrorCode.UNAVAILABLE, f"{self.name} is still loading its model"))
             return
         previous = self._sessions.get(sid)
-        if previous is not None and previous.terminal_queued:
-            # The session's previous stream has ended and is freeing its state here (its caller may already have
-            # seen end-of-stream and reopened): wait for that, bounded like any drain, instead of refusing.
+        if previous is not None:
+            # The session's previous pipe is still here. Either it ended and is freeing its state (its caller may
+            # already have seen end-of-stream and reopened), or its caller is gone (a hop further up died, or the
+            # client vanished) and this hop has not noticed yet. Only the gateway holding the session's stream lock
+            # opens pipes for it, so a new open supersedes the old pipe: end it, then wait (bounded like a drain)
+            # for its state to be freed instead of refusing.
+            if not previous.terminal_queued:
+                log.info("%s: session %s reopened; ending its previous pipe", self.name, sid)
+                previous._abort(ErrorCode.UNAVAILABLE, f"session {sid!r} was reopened on {self.name}: this pipe "
+                                                       "is superseded")
             try:
                 await asyncio.wait_for(previous.closed.wait(), self.config.drain_timeout_s)
             except asyncio.TimeoutError:
-                pass
+                if previous.task is not None:  # its caller stopped reading: cancel the call outright
+                    previous.task.cancel()
+                    await asyncio.wait({asyncio.ensure_future(previous.closed.wait())}, timeout=self.config.drain_timeout_s)
         if sid in self._sessions:
             await context.write(self._reject(sid, ErrorCode.ALREADY_EXISTS, f"session {sid!r} is already open on {self.name}"))
             return
-        if len(self._sessions) >= self.config.max_sessions:
+        parked = self._unpark(sid)
+        if parked is not None:
+            start = _start_block(op.config)
+            if start is None or not parked.covers(start):
+                # A fresh stream, or a reopen this hop cannot continue exactly: rebuild from the config instead.
+                await self._close_handler_session(sid)
+                parked = None
+            else:
+                log.info("%s: session %s resumes at block %d (next block here %d)", self.name, sid, start,
+                         parked.next_block)
+        if parked is None and len(self._sessions) + len(self._parked) >= self.config.max_sessions:
             await context.write(self._reject(sid, ErrorCode.RESOURCE_EXHAUSTED, f"{self.name} is at capacity ({self.config.max_sessions} sessions)"))
             return
-        session = _HopSession(self, sid, list(op.route), op.config, context)
+        session = _HopSession(self, sid, list(op.route), op.config, context, resumed=parked)
+        session.task = asyncio.current_task()
         self._sessions[sid] = session
         self.sessions_opened += 1
         await session.run()  # the session removes itself (`_forget`) once its state is freed

@@ -73,6 +73,13 @@ MAX_SESSION_ID_LEN = 256
 # --------------------------------------------------------------------------------------- errors
 
 
+# Session config key (JSON in the Open item): the block a (re)opened pipe starts at; > 0 when the gateway rebuilds a
+# session on a new route after a replica loss (serve/dataplane/recovery.py).
+START_BLOCK_KEY = "start_block"
+# Block metadata key: "1" on a block replayed to rebuild state after a replica loss; its output is not delivered again.
+REPLAY_KEY = "replay"
+
+
 class ErrorCode(enum.IntEnum):
     """Mirror of `avatarserve.stage.v1.ErrorCode` (typed on the Python side)."""
 
@@ -114,11 +121,13 @@ class ControlTimeoutError(StageError):
 class PipelineError(StageError):
     """An Error item that reached the caller: the session is closed at every hop."""
 
-    def __init__(self, code: ErrorCode, message: str, *, origin: str = "", session_id: str = "") -> None:
+    def __init__(self, code: ErrorCode, message: str, *, origin: str = "", session_id: str = "",
+                 lost_hop: str = "") -> None:
         self.code = code
         self.message = message
         self.origin = origin
         self.session_id = session_id
+        self.lost_hop = lost_hop  # address of a hop whose process or stream was lost (the session can be re-placed)
         where = f" at {origin}" if origin else ""
         super().__init__(f"session {session_id!r} failed{where} [{code.name}]: {message}")
 
@@ -128,7 +137,7 @@ class PipelineError(StageError):
             code = ErrorCode(err.code)
         except ValueError:
             code = ErrorCode.UNSPECIFIED
-        return cls(code, err.message, origin=err.origin, session_id=err.session_id)
+        return cls(code, err.message, origin=err.origin, session_id=err.session_id, lost_hop=err.lost_hop)
 
 
 def validate_session_id(session_id: str) -> str:
@@ -611,7 +620,8 @@ class PipelineSession:
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
             if self._error is not None:
                 raise self._error from exc
-            raise PipelineError(ErrorCode.UNAVAILABLE, f"stream to {self.route[0]} closed: {exc}", session_id=self.session_id) from exc
+            raise PipelineError(ErrorCode.UNAVAILABLE, f"stream to {self.route[0]} closed: {exc}", session_id=self.session_id,
+                                lost_hop=self.route[0]) from exc
 
     async def end(self, reason: str = "") -> None:
         """Half-close: no more blocks; results of blocks in flight still arrive, then None."""
@@ -638,13 +648,15 @@ class PipelineSession:
         except grpc.aio.AioRpcError as exc:
             self._finished = True
             code = ErrorCode.DEADLINE_EXCEEDED if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else ErrorCode.UNAVAILABLE
-            self._error = PipelineError(code, f"stream to {self.route[0]} broke: {exc.code().name} {exc.details()}", session_id=self.session_id)
+            self._error = PipelineError(code, f"stream to {self.route[0]} broke: {exc.code().name} {exc.details()}",
+                                        session_id=self.session_id, lost_hop=self.route[0])
             raise self._error from exc
         except asyncio.CancelledError:
             raise
         if msg is grpc.aio.EOF:
             self._finished = True
-            self._error = PipelineError(ErrorCode.UNAVAILABLE, f"{self.route[0]} closed the stream without end-of-stream", session_id=self.session_id)
+            self._error = PipelineError(ErrorCode.UNAVAILABLE, f"{self.route[0]} closed the stream without end-of-stream",
+                                        session_id=self.session_id, lost_hop=self.route[0])
             raise self._error
         kind = message_kind(msg)
         if kind == "block":
@@ -706,13 +718,15 @@ async def open_pipe(
     except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
         call.cancel()
         detail = f"{exc.code().name} {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
-        raise PipelineError(ErrorCode.UNAVAILABLE, f"cannot open a pipe to {target}: {detail}", session_id=session_id) from exc
+        raise PipelineError(ErrorCode.UNAVAILABLE, f"cannot open a pipe to {target}: {detail}", session_id=session_id,
+                            lost_hop=target) from exc
     except BaseException:
         call.cancel()
         raise
     if first is grpc.aio.EOF:
         call.cancel()
-        raise PipelineError(ErrorCode.UNAVAILABLE, f"{target} closed the stream during open", session_id=session_id)
+        raise PipelineError(ErrorCode.UNAVAILABLE, f"{target} closed the stream during open", session_id=session_id,
+                            lost_hop=target)
     if isinstance(first, bytes):
         first = pb.StageMessage.FromString(first)
     kind = message_kind(first)

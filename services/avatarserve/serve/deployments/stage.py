@@ -80,6 +80,10 @@ class StageReplica:
             port_range=self.app.data_plane.port_range,
             max_sessions=self.spec.capacity,
             drain_timeout_s=self.timeouts.hop_drain_s,
+            resume_hold_s=self.app.recovery.hold_s if self.app.recovery.enabled else 0.0,
+            # a reopened pipe replays up to replay_blocks before the first undelivered block plus those in flight
+            memo_blocks=self.app.recovery.replay_blocks.most() + self.app.in_flight_limit + 2
+            if self.app.recovery.enabled else 0,
             transport=TransportOptions(queue_size=self.spec.queue_size, open_timeout_s=self.timeouts.pipe_open_s),
         )
         self._bg = BackgroundStageHost(self._build_handler, host_config)
@@ -122,7 +126,8 @@ class StageReplica:
         # Runs on the data-plane loop: the redis client, the heartbeat and the metrics task live there.
         t = self.timeouts
         self._registry = ReplicaRegistry.from_url(self.app.require_redis(), namespace=self.app.registry_prefix,
-                                                  ttl_s=t.registry_ttl_s, reservation_ttl_s=self.app.timeouts.reservation_ttl_s)
+                                                  ttl_s=t.registry_ttl_s, reservation_ttl_s=self.app.timeouts.reservation_ttl_s,
+                                                  redis_options=self.app.timeouts.redis)
         self._heartbeat = ReplicaHeartbeat(self._registry, self._info, interval_s=t.heartbeat_s)
         await self._heartbeat.start()
         self._metrics_task = asyncio.get_running_loop().create_task(self._publish_metrics(t.heartbeat_s),

@@ -13,6 +13,12 @@ plain lines otherwise. Nothing in it has a wall-clock limit around model loading
 `app.timeouts` (serve/config.py), and a wait on a process fails at once when that process exits. On a real failure
 it names the replica, its exception and its log file, stops what it started and exits non-zero.
 
+API keys (`app.auth.mode: required`, the default): on its first start `up` creates an API key, stores only its hash
+in Redis, prints the plain key once and writes it to `<state dir>/api-key` (mode 0600); later starts register the
+same key again (the local redis-server keeps nothing across restarts), and `avatarserve stream` reads the file when no
+key is given. TLS (`app.tls`): Ray Serve's gRPC proxy serves plaintext only, so `up` runs the TLS front
+(serve/api/tls_front.py) in front of it and prints the front's address as `grpc_address`.
+
 Ray >= 2.59 turns token authentication on for local clusters. The local cluster binds only to 127.0.0.1 and we set
 RAY_AUTH_MODE=disabled deliberately for it (documented in the README); a multi-node deployment uses KubeRay.
 """
@@ -81,6 +87,9 @@ class ClusterState:
     app_name: str = "avatarserve"
     temp_dir: Optional[str] = None
     ops_url: Optional[str] = None
+    api_key_file: Optional[str] = None  # the launcher's API key (0600), when auth is required
+    tls_front_pid: Optional[int] = None  # set when we started the TLS front
+    serve_grpc_address: Optional[str] = None  # the Serve proxy's plaintext address (behind the TLS front)
 
     def save(self, path: Path = STATE_FILE) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -229,6 +238,59 @@ def deploy_app(cfg: Dict[str, Any], ray_address: str, redis_url: str, grpc_port:
         ray.shutdown()
 
 
+API_KEY_FILE = "api-key"
+
+
+def ensure_launcher_key(redis_url: str, namespace: str, key_file: Path) -> Optional[str]:
+    """The launcher's API key: created on the first start (returned, to be printed once), written to `key_file`
+    (0600) and stored hashed in Redis; on later starts registered again from the file (None returned)."""
+    import asyncio
+
+    from avatarserve.serve.control.api_keys import ApiKeyStore, make_record, parse_key
+
+    created = None
+    if key_file.exists():
+        parsed = parse_key(key_file.read_text().strip())
+        if parsed is None:
+            raise LauncherError(f"{key_file} does not hold an API key (avs_<id>_<secret>); remove it to get a new one")
+        rec, _ = make_record("avatarserve up", key_id=parsed[0], secret=parsed[1])
+    else:
+        rec, created = make_record("avatarserve up")
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(created + "\n")
+
+    async def put() -> None:
+        store = ApiKeyStore.from_url(redis_url, namespace=namespace)
+        try:
+            await store.put(rec, only_if_new=True)  # a key revoked in a persistent Redis stays revoked
+        finally:
+            await store.close()
+
+    asyncio.run(put())
+    return created
+
+
+def start_tls_front(app: AppConfig, upstream: str, workdir: Path, timeout_s: float) -> tuple[int, int]:
+    """Start the TLS front (serve/api/tls_front.py) before the Serve proxy at `upstream`: (pid, port)."""
+    tls = app.tls
+    port = tls.port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / "tls-front.log"
+    proc = subprocess.Popen([sys.executable, "-m", "avatarserve.serve.api.tls_front", "--upstream", upstream,
+                             "--cert", str(tls.cert_file), "--key", str(tls.key_file), "--host", tls.host,
+                             "--port", str(port)],
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_port("127.0.0.1" if tls.host in ("0.0.0.0", "::") else tls.host, port, timeout_s, "the TLS front",
+                   proc, log, "timeouts.health_s")
+    except LauncherError:
+        _kill_pid(proc.pid)
+        raise
+    return proc.pid, port
+
+
 def wait_grpc_healthy(address: str, timeout: float = 120.0) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -279,19 +341,34 @@ def up(config_path: Optional[str] = None, *, state_file: Path = STATE_FILE, quie
                              app_name=app.name,
                              ops_url=f"http://127.0.0.1:{http_port}{app.route_prefix}/ops/" if app.ops.enabled else None)
         state.save(state_file)  # record before deploying so `down` can clean up a half-started cluster
+        created_key = None
+        if app.auth.mode == "required":
+            key_file = state_file.parent / API_KEY_FILE
+            created_key = ensure_launcher_key(redis_url, app.namespace, key_file)
+            state.api_key_file = str(key_file)
+            state.save(state_file)
         deploy_app(cfg, ray_address, redis_url, grpc_port, http_port, progress=None if quiet else ProgressDisplay())
         wait_grpc_healthy(state.grpc_address, timeouts.health_s)
+        if app.tls.enabled:
+            state.serve_grpc_address = state.grpc_address
+            state.tls_front_pid, tls_port = start_tls_front(app, state.serve_grpc_address, workdir, timeouts.health_s)
+            state.grpc_address = f"127.0.0.1:{tls_port}"
+            state.save(state_file)
     except BaseException:
         if state is not None:
             down(state_file=state_file, quiet=True)
         elif redis_pid:
             _kill_pid(redis_pid)
         raise
+    if created_key and not quiet:  # the only time the plain key is shown
+        print(f"[up] created API key {created_key}\n[up] saved to {state.api_key_file} (mode 0600); "
+              "`avatarserve stream` reads it, other clients take AVATARSERVE_API_KEY", file=sys.stderr)
     if not quiet:
         print(json.dumps({"grpc_address": state.grpc_address, "http_address": state.http_address,
                           "ray_address": state.ray_address, "redis_url": state.redis_url,
                           "metrics_export_port": metrics_port, "ops_url": state.ops_url,
-                          "state_file": str(state_file)}))
+                          "state_file": str(state_file), "api_key_file": state.api_key_file,
+                          "tls": app.tls.enabled, "serve_grpc_address": state.serve_grpc_address}))
     return 0
 
 
@@ -302,6 +379,9 @@ def down(*, state_file: Path = STATE_FILE, quiet: bool = False) -> int:
             print(json.dumps({"stopped": False, "reason": f"no local cluster recorded in {state_file}"}))
         return 0
     stopped: List[str] = []
+    if state.tls_front_pid:
+        _kill_pid(state.tls_front_pid)
+        stopped.append("tls-front")
     if state.ray_pgid:
         try:  # graceful first: let Serve drain its replicas
             subprocess.run([sys.executable, "-c", (

@@ -86,6 +86,8 @@ METRICS: Tuple[MetricSpec, ...] = (
     MetricSpec("avatarserve_session_reroutes", "counter",
                "Stream opens that moved a session hop to another replica (old one gone, draining or full).",
                ("stage",)),
+    MetricSpec("avatarserve_session_recoveries", "counter",
+               "Live streams that lost a stage replica and continued on a re-placed, rebuilt route.", ("stage",)),
     # ---- gateway: per-stream quality of service
     _h("avatarserve_time_to_first_frame_seconds", "Time from the first block fed to the pipeline to its first "
        "delivered video chunk, per stream.", TTFF_BUCKETS),

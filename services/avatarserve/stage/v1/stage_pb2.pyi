@@ -125,16 +125,18 @@ class EndOfStream(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Error(_message.Message):
-    __slots__ = ("session_id", "code", "message", "origin")
+    __slots__ = ("session_id", "code", "message", "origin", "lost_hop")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    LOST_HOP_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     code: ErrorCode
     message: str
     origin: str
-    def __init__(self, session_id: _Optional[str] = ..., code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., origin: _Optional[str] = ...) -> None: ...
+    lost_hop: str
+    def __init__(self, session_id: _Optional[str] = ..., code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., origin: _Optional[str] = ..., lost_hop: _Optional[str] = ...) -> None: ...
 
 class StageMessage(_message.Message):
     __slots__ = ("open", "opened", "block", "control", "end", "error")
