@@ -449,14 +449,16 @@ def test_late_audio_warning(api: Api) -> None:
         try:
             reader.wait_for(lambda out: len(videos(out)) >= 1, "an idle block")
             live.send(*chunks(speech(1)))  # [0, 480) was filled with silence: all of it is late
-            reader.wait_for(lambda out: events(out, EV.KIND_WARNING), "WARNING audio_late")
+            # (a busy machine may also say behind_realtime: the late-audio warning is the one checked)
+            reader.wait_for(lambda out: [e for e in events(out, EV.KIND_WARNING) if e.code == "audio_late"],
+                            "WARNING audio_late")
             live.send(END_OF_INPUT)
         finally:
             live.end()
         out = reader.join()
         assert reader.error is None, reader.error
-        warning = events(out, EV.KIND_WARNING)[0]
-        assert warning.code == "audio_late" and "ms" in warning.message
+        warning = next(e for e in events(out, EV.KIND_WARNING) if e.code == "audio_late")
+        assert "ms" in warning.message
         assert warning.counters.audio_samples_late > 0
         first = videos(out)[0]
         assert first.is_idle and first.block_index == 0 and first.pts_ms == 0

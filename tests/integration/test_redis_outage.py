@@ -36,6 +36,10 @@ RETRY_AFTER_MS = 1500
 # Named, generous limits (a busy 2-core machine): conditions are polled, these only bound the wait.
 DEPLOY_S = 600.0  # app RUNNING and SERVING (replicas load the tiny model)
 BLOCKS_S = 120.0  # a live stream delivers the next few blocks
+# After END_OF_INPUT the server delivers all the audio it holds. A live stream on a busy machine runs behind real
+# time, so that backlog grows with the stream's length (up to the gateway's audio buffer): draining it can take
+# minutes when other processes take the CPUs.
+DRAIN_S = 900.0
 RECOVER_S = 60.0  # after the restart: GetSession answers / a new session gets video
 CALL_S = 30.0  # one unary call
 
@@ -94,7 +98,7 @@ class LiveStream:
 
     def stop(self) -> None:
         self._stop.set()  # the audio source ends: END_OF_INPUT, the server drains and ends with END_OF_STREAM
-        self._thread.join(BLOCKS_S)
+        self._thread.join(DRAIN_S)
         assert not self._thread.is_alive(), "the live stream did not end after END_OF_INPUT"
 
 
