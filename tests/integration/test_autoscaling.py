@@ -34,7 +34,8 @@ def scale_app(serve_instance, redis_server):
     from avatarserve.serve.builder import deploy
 
     cfg = {"name": APP, "route_prefix": "/avatarscale", "redis_url": redis_server.url, "namespace": "scale:",
-           "registry_namespace": "scale:", "model": {"config": "tiny", "seed": 0, "stream_overrides": {"num_steps": 1}},
+           "registry_namespace": "scale:", "auth": {"mode": "disabled"},
+           "model": {"config": "tiny", "seed": 0, "stream_overrides": {"num_steps": 1}},
            "capacity": {"audio": 2, "denoise": 1, "vae": 4},
            "autoscaling": {"enabled": True, "min_replicas": {"audio": 1, "denoise": 1, "vae": 1},
                            "max_replicas": {"audio": 2, "denoise": 3, "vae": 1},

@@ -64,7 +64,8 @@ def metrics_app(serve_instance, redis_server):
     from avatarserve.serve.builder import deploy
 
     cfg = {"name": APP, "route_prefix": "/avatarmetrics", "redis_url": redis_server.url, "namespace": "metrics:",
-           "registry_namespace": "metrics:", "model": {"config": "tiny", "seed": 0, "stream_overrides": {"num_steps": 1}},
+           "registry_namespace": "metrics:", "auth": {"mode": "disabled"},
+           "model": {"config": "tiny", "seed": 0, "stream_overrides": {"num_steps": 1}},
            "capacity": {"audio": 2, "denoise": 2, "vae": 2},
            # Autoscaling on but already at its maximum: admission must refuse at once instead of parking.
            "autoscaling": {"enabled": True, "min_replicas": {"audio": 1, "denoise": 1, "vae": 1},
@@ -260,9 +261,10 @@ def test_exposition_passes_promtool(traffic, ray_cluster):
     families = set(re.findall(r"^# TYPE (\S+) (\S+)", exposition, re.M))
     assert all(EXPORTED_NAMES[name].kind == kind for name, kind in families), families
     # Everything this traffic exercises is exported (counters of events it does not cause exist only once they occur:
-    # sessions cut by a scale-down, reroutes, failed stage steps).
+    # sessions cut by a scale-down, reroutes, recoveries from a lost replica, failed stage steps).
     missing = set(EXPORTED_NAMES) - {n for n, _ in families} - {"ray_avatarserve_replica_sessions_cut_total",
                                                                   "ray_avatarserve_session_reroutes_total",
+                                                                  "ray_avatarserve_session_recoveries_total",
                                                                   "ray_avatarserve_stage_errors_total"}
     assert not missing, missing
 

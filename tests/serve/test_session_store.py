@@ -87,3 +87,8 @@ async def test_idle_claims_are_exclusive(store: SessionStore) -> None:
     assert sorted(claimed) == sorted(f"i{i}" for i in range(1, 20))  # each exactly once
     assert await store.r.zscore(f"{store.ns}idle", "later") is not None
     assert await store.r.zscore(f"{store.ns}idle", "i0") is not None
+    # Like every key of the store, the index has a TTL, at least that of the sessions it lists.
+    index_ttl, session_ttl = await store.r.pttl(f"{store.ns}idle"), await store.r.pttl(f"{store.ns}session:later")
+    assert index_ttl > 0 and index_ttl >= session_ttl - 1000
+    await store.set_idle_deadline("i1", int(time.time() * 1000) + 1000)
+    assert await store.r.pttl(f"{store.ns}idle") > 0

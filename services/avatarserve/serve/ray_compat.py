@@ -48,6 +48,17 @@ def in_serve_replica() -> bool:
     return context._get_internal_replica_context() is not None
 
 
+def serve_app_name() -> Optional[str]:
+    """The Serve application this replica belongs to (None outside a replica). It is the name the app was deployed
+    under, which need not be the config's `app.name` (e.g. `serve.run(app, name=...)`)."""
+    try:
+        from ray.serve import context
+    except ImportError:
+        return None
+    ctx = context._get_internal_replica_context()
+    return ctx.replica_id.deployment_id.app_name if ctx is not None else None
+
+
 def replica_log_file() -> Optional[str]:
     """The file this Serve replica logs to (Serve's replica logger writes through a buffering handler)."""
     for handler in logging.getLogger("ray.serve").handlers:

@@ -57,7 +57,7 @@ from avatarserve.serve.dataplane.recovery import RecoveringPipe, Recovery
 from avatarserve.serve.dataplane.transport import (START_BLOCK_KEY, PipelineClient, PipelineError, PipelineSession,
                                                    TransportOptions)
 from avatarserve.serve.ops.metrics import GatewayMetrics, SessionMeter
-from avatarserve.serve.ray_compat import in_serve_replica
+from avatarserve.serve.ray_compat import in_serve_replica, serve_app_name
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ class Gateway:
         self._streams: Dict[str, tuple] = {}
         self._closing_pipes: set = set()  # pipes of ended streams finishing in the background  # session id -> (StreamController, SessionMeter)
         self.replica_id = uuid.uuid4().hex[:8]
+        self.app_name = serve_app_name() or self.app.name  # what Serve routes `application` metadata by
         self.metrics = GatewayMetrics() if in_serve_replica() else None
         self.auth = Authenticator(self.app)  # API keys and per-key quotas (api/auth.py)
         self.admission = Admission(self.app, on_wait=self._observe_admission,
@@ -229,9 +230,9 @@ class Gateway:
         application (the proxy routes any name to the only application), a request that did not parse."""
         if grpc_context is not None and hasattr(grpc_context, "invocation_metadata"):
             app = dict(grpc_context.invocation_metadata() or ()).get("application")
-            if app and app != self.app.name:
+            if app and app != self.app_name:
                 raise ApiError(grpc.StatusCode.NOT_FOUND,
-                               f"application {app!r} is not running here (this is {self.app.name!r}); send the "
+                               f"application {app!r} is not running here (this is {self.app_name!r}); send the "
                                "`application` metadata of a running application, or none")
         if isinstance(request, MalformedMessage):
             raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request}")

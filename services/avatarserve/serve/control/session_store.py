@@ -10,7 +10,8 @@ Keys (under `namespace`, default "avatarserve:"):
     closed:{sid}         hash   the tombstone of a closed session: the session hash as it was at close, state
                                 CLOSED (or FAILED), closed_ms; its own TTL (`closed_ttl_s`). Closing deletes every other
                                 key of the session in the same atomic step.
-    idle                 zset   session id -> idle deadline (Unix ms: creation or last audio + its idle timeout);
+    idle                 zset   session id -> idle deadline (Unix ms: creation or last audio + its idle timeout); its
+                                TTL is kept at least that of the sessions it lists;
                                 the gateways' idle sweep claims expired members atomically (ZREM), so several
                                 sweepers never close a session twice
 
@@ -145,7 +146,11 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return {0, ''} end
 local n = tonumber(ARGV[3])
 for i = 4, 3 + 2 * n, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 for i = 4 + 2 * n, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
-if tonumber(ARGV[2]) > 0 then redis.call('ZADD', KEYS[2], 'XX', ARGV[2], ARGV[1]) end
+if tonumber(ARGV[2]) > 0 then
+  redis.call('ZADD', KEYS[2], 'XX', ARGV[2], ARGV[1])
+  local t, cur = redis.call('PTTL', KEYS[1]), redis.call('PTTL', KEYS[2])
+  if t > 0 and (cur == -1 or cur < t) then redis.call('PEXPIRE', KEYS[2], t) end
+end
 return {1, redis.call('HGET', KEYS[1], 'close_req') or ''}
 """
 
@@ -183,6 +188,14 @@ redis.call('HSETNX', KEYS[1], 'close_req', ARGV[1])
 return 1
 """
 
+# Add to the idle index and keep the index itself alive at least `ttl` ms (it outlives every session it lists; like
+# every key here it has a TTL). KEYS[1] idle zset. ARGV: sid, deadline ms, ttl ms.
+_INDEX_IDLE = """
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+local cur = redis.call('PTTL', KEYS[1])
+if cur == -1 or cur < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+"""
+
 # Claim up to ARGV[2] sessions whose idle deadline (score) is <= ARGV[1]: removed from the zset as they are
 # returned, so each is claimed by exactly one sweeper. KEYS[1] idle zset.
 _CLAIM_IDLE = """
@@ -205,7 +218,11 @@ local restored = 0
 if redis.call('EXISTS', KEYS[1]) == 0 then
   restored = 1
   for i = 8, 7 + 2 * n, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-  if tonumber(ARGV[6]) > 0 then redis.call('ZADD', KEYS[5], 'NX', ARGV[6], ARGV[1]) end
+  if tonumber(ARGV[6]) > 0 then
+    redis.call('ZADD', KEYS[5], 'NX', ARGV[6], ARGV[1])
+    local cur = redis.call('PTTL', KEYS[5])
+    if cur == -1 or cur < ttl then redis.call('PEXPIRE', KEYS[5], ttl) end
+  end
 else
   for i = sets, sets + 2 * m - 1, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
   for i = sets + 2 * m, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
@@ -248,6 +265,7 @@ class SessionStore:
         self._sync_stream = client.register_script(_SYNC_STREAM)
         self._finalize_close = client.register_script(_FINALIZE_CLOSE)
         self._claim_idle = client.register_script(_CLAIM_IDLE)
+        self._index_idle = client.register_script(_INDEX_IDLE)
         self._request_close = client.register_script(_REQUEST_CLOSE)
 
     @classmethod
@@ -294,7 +312,7 @@ class SessionStore:
             p.pexpire(self._k("session", sid), self.ttl_ms)
             p.set(self._k("sink", sid), sink_to_bytes(sink), px=self.ttl_ms)
             if idle_ms:
-                p.zadd(self._idle_key, {sid: created_ms + idle_ms})
+                await self._index_idle(keys=[self._idle_key], args=[sid, created_ms + idle_ms, self.ttl_ms], client=p)
             await p.execute()
         return token
 
@@ -382,7 +400,7 @@ class SessionStore:
 
     async def set_idle_deadline(self, sid: str, deadline_ms: int) -> None:
         """(Re-)enter the session into the idle index (a claimed session that turned out not to be idle)."""
-        await self.r.zadd(self._idle_key, {sid: int(deadline_ms)})
+        await self._index_idle(keys=[self._idle_key], args=[sid, int(deadline_ms), self.ttl_ms])
 
     async def stream_open(self, sid: str) -> bool:
         return bool(await self.r.exists(self._k("streamlock", sid)))
