@@ -115,6 +115,7 @@ class RecoveringPipe:
         self._replayer: Optional[asyncio.Task] = None
         self._closed = False
         self.recoveries: List[Recovery] = []
+        self._attempts = 0  # reopens tried (a recovery whose reopen hits another lost hop takes more than one)
 
     # ----- lifecycle --------------------------------------------------------------------------------------------
     async def open(self) -> "RecoveringPipe":
@@ -220,7 +221,7 @@ class RecoveringPipe:
             try:
                 item = await self._next()
             except PipelineError as exc:
-                if self._closed or not _is_loss(exc) or len(self.recoveries) >= self.max_recoveries:
+                if self._closed or not _is_loss(exc) or self._attempts >= self.max_recoveries:
                     raise
                 await self._recover(exc)
                 continue
@@ -242,6 +243,7 @@ class RecoveringPipe:
     async def _recover(self, err: PipelineError) -> None:
         rec = Recovery(lost_hop=err.lost_hop, error=err.message, started_at=self._clock())
         self.recoveries.append(rec)
+        self._attempts += 1
         self._ready.clear()
         if self._replayer is not None:
             self._replayer.cancel()
@@ -264,10 +266,10 @@ class RecoveringPipe:
                 self._pipe = await self._open_pipe(start)
                 break
             except PipelineError as exc:
-                if not _is_loss(exc) or len(self.recoveries) >= self.max_recoveries:
+                if not _is_loss(exc) or self._attempts >= self.max_recoveries:
                     raise
                 err = exc
-                self.recoveries.append(Recovery(lost_hop=exc.lost_hop, error=exc.message, started_at=self._clock()))
+                self._attempts += 1
         rec.reopened_at = self._progress_at = self._clock()
         rec.start_block, rec.replayed, rec.resent = start, len(replay), len(self._pending)
         self._skip_below = first_pending
