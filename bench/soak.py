@@ -45,6 +45,7 @@ import numpy as np
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
+from adapter_pipecat import _speech  # noqa: E402 - one speech-like test signal for the benches
 
 SR = 16000
 BLOCK_S = 0.48
@@ -222,14 +223,6 @@ def _growth(pts: List[Tuple[float, int]], warmup_s: float, limit_pct: float, *, 
 # ------------------------------------------------------------------------------------------------ the session
 
 
-def _speech(seconds: float, seed: int) -> np.ndarray:
-    """Syllable-like bursts of a voiced tone (not silence, so its blocks are not idle)."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * SR)) / SR
-    f0 = 140 + 40 * rng.random()
-    env = 0.5 + 0.5 * np.sin(2 * np.pi * 3.5 * t + rng.random() * 6)
-    x = 0.35 * env * np.sin(2 * np.pi * f0 * t) + 0.1 * np.sin(2 * np.pi * 2.7 * f0 * t)
-    return (x * 32767).astype(np.int16)
 
 
 async def run_session(address: str, image: bytes, args: argparse.Namespace, application: str) -> Dict[str, Any]:

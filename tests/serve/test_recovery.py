@@ -35,6 +35,16 @@ class _Recorder(SyntheticStage):
         return await super().process(session_id, item)
 
 
+async def _assert_every_hop_freed(handlers: dict, hosts: dict, limit_s: float = 30.0) -> None:
+    """Wait (bounded) until no hop holds the session, then check none keeps it parked either."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit_s
+    while any(h.sessions for h in handlers.values()) and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    assert not any(h.sessions for h in handlers.values())
+    assert all(host.parked_sessions == 0 for host in hosts.values())
+
+
 def _block(b: int) -> BlockItem:
     return BlockItem(block_index=b, pts_ms=b * 480, tensors={"pcm": np.full(8, b, np.float32)})
 
@@ -228,12 +238,7 @@ async def test_closing_a_running_pipe_with_a_drain_frees_every_hop_at_once() -> 
                 await pipe.send(_block(b))
             assert (await pipe.receive()).block_index == 0
             await pipe.close(drain_s=30.0)  # two blocks still in flight: they finish, then every hop frees it
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
-        while any(h.sessions for h in handlers.values()) and loop.time() < deadline:
-            await asyncio.sleep(0.01)
-        assert not any(h.sessions for h in handlers.values())
-        assert all(host.parked_sessions == 0 for host in hosts.values())
+        await _assert_every_hop_freed(handlers, hosts)
     finally:
         for host in hosts.values():
             await host.stop(grace_s=0.5)
@@ -332,12 +337,7 @@ async def test_a_drained_close_while_a_receive_is_pending_still_ends_cleanly() -
             waiting.cancel()  # the controller is torn down mid-receive
             await asyncio.gather(waiting, return_exceptions=True)
             await pipe.close(drain_s=30.0)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
-        while any(h.sessions for h in handlers.values()) and loop.time() < deadline:
-            await asyncio.sleep(0.01)
-        assert not any(h.sessions for h in handlers.values())
-        assert all(host.parked_sessions == 0 for host in hosts.values())
+        await _assert_every_hop_freed(handlers, hosts)
     finally:
         for host in hosts.values():
             await host.stop(grace_s=0.5)
