@@ -16,8 +16,10 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
+import numpy as np
 import pytest
 import redis
 
@@ -139,6 +141,79 @@ def test_vanished_clients_release_their_sessions_slots_and_keys(cluster, redis_s
         with client.session(png(1), "after", idle_mode="wait_for_audio") as s:
             blocks = list(s.stream(chunk_pcm(speech(3, seed=1), chunk_ms=100), decode=False, timeout=600))
     assert [b.block_index for b in blocks] == [0, 1, 2]
+
+
+def test_cancelled_streams_leave_the_session_usable(cluster):
+    """A client that cancels its stream at any point (right after STARTED, mid-audio, while the server rejects a bad
+    chunk) leaves its session IDLE, with no error, and its stream lock comes free: the next Hello opens a stream.
+    (Found by test_fuzz.py: Serve cancels the replica's fetch of the next client message with a TaskCancelledError,
+    which once marked the session FAILED; a teardown cancelled half-way once kept the stream lock for good.)"""
+    import random
+
+    import grpc
+    from avatarserve_client.v1 import avatar_service_pb2 as pb, avatar_service_pb2_grpc as rpc
+
+    from .conftest import png
+
+    rnd = random.Random(7)
+    md = [("application", APP)]
+    pcm = (np.sin(np.arange(1600) / 5.0) * 8000).astype("<i2").tobytes()
+    shapes = ["after STARTED", "mid-audio", "bad chunk"] * 8
+    rnd.shuffle(shapes)
+    with grpc.insecure_channel(cluster) as ch:
+        stub = rpc.AvatarServiceStub(ch)
+        resp = stub.CreateSession(pb.CreateSessionRequest(reference_image=png(5)), metadata=md, timeout=600)
+        sid, token = resp.session_id, resp.session_token
+        smd = md + [("session_id", sid)]
+        hello = pb.ClientMessage(hello=pb.Hello(session_id=sid, session_token=token))
+
+        def info():
+            return stub.GetSession(pb.GetSessionRequest(session_id=sid, session_token=token), metadata=smd,
+                                   timeout=60)
+
+        for i, shape in enumerate(shapes):
+            release = threading.Event()
+
+            def requests(shape=shape, release=release):
+                yield hello
+                if shape == "mid-audio":
+                    for k in range(rnd.randint(1, 6)):
+                        yield pb.ClientMessage(audio=pb.AudioChunk(seq=k, pts_ms=k * 100, pcm=pcm))
+                elif shape == "bad chunk":  # 2 s in one chunk: INVALID_ARGUMENT
+                    yield pb.ClientMessage(audio=pb.AudioChunk(seq=0, pts_ms=0, pcm=pcm * 20))
+                release.wait(120)
+
+            while True:  # the previous stream's lock is released asynchronously after the client's cancel returns
+                call = stub.StreamSession(requests(), metadata=smd, timeout=120)
+                try:
+                    first = next(call)
+                    assert first.status.kind == pb.StatusEvent.KIND_STARTED, first
+                    if shape != "after STARTED" and rnd.random() < 0.5:
+                        next(call)  # cancel a little later: after a video block or a status
+                except grpc.RpcError as exc:
+                    if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "already open" in exc.details():
+                        _wait(lambda: not info().stream_open, f"stream {i}: the previous stream's lock released", 60)
+                        continue
+                    assert shape == "bad chunk" and exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc
+                finally:
+                    call.cancel()
+                    release.set()
+                break
+            _wait(lambda: not info().stream_open, f"stream {i} ({shape}): stream_open false after the cancel", 60)
+            got = info()
+            assert got.state == pb.SESSION_STATE_IDLE and not got.error, (i, shape, got)
+
+        # The session still streams to the end.
+        def speech_requests():
+            yield hello
+            for k in range(10):
+                yield pb.ClientMessage(audio=pb.AudioChunk(seq=k, pts_ms=k * 100, pcm=pcm))
+            yield pb.ClientMessage(control=pb.Control(kind=pb.Control.KIND_END_OF_INPUT))
+
+        out = list(stub.StreamSession(speech_requests(), metadata=smd, timeout=900))
+        assert out[-1].status.kind == pb.StatusEvent.KIND_END_OF_STREAM, out[-1]
+        assert any(m.WhichOneof("kind") == "video" for m in out)
+        stub.CloseSession(pb.CloseSessionRequest(session_id=sid, session_token=token), metadata=smd, timeout=60)
 
 
 def _root() -> str:

@@ -705,6 +705,56 @@ async def test_a_cancel_frees_the_session_even_when_nobody_reads_the_stream_any_
         watchdog.check()
 
 
+async def test_a_request_stream_that_breaks_is_a_cancelled_client(chain) -> None:
+    """Under Serve, fetching the client's next message is a Ray call that Ray cancels (TaskCancelledError) when the
+    client cancels: the stream ends as cancelled and frees the session (`on_cancel`), it is not a server error (which
+    would mark the session FAILED)."""
+    route, _ = chain
+    async with LoopWatchdog() as watchdog, PipelineClient() as client:
+        pipe = await client.open("sess-broken", route)
+        freed = asyncio.Event()
+
+        async def on_cancel() -> None:
+            freed.set()
+
+        class TaskCancelledLike(Exception):
+            pass
+
+        async def breaking_requests():
+            yield audio(0, tone_chunks(1)[0])
+            raise TaskCancelledLike("Task: 4f75c05 was cancelled.")
+
+        ctl = StreamController("sess-broken", settings(idle_mode="wait"), pipe, on_cancel=on_cancel)
+        with pytest.raises(StreamCancelled):
+            await asyncio.wait_for(collect(ctl, breaking_requests()), GUARD_S)
+        assert freed.is_set() and ctl.cancelled
+        watchdog.check()
+
+
+async def test_wait_event_never_swallows_a_cancel() -> None:
+    """The feeder sleeps on its wake-up event with a deadline. A cancel that arrives while the event is being set
+    must still end the sleeper (asyncio.wait_for before Python 3.12 returns instead: the stream's feeder then
+    outlived the cancel and its session kept the stream lock)."""
+    from avatarserve_client._streaming import wait_event
+
+    for order in ("set, then cancel", "cancel, then set"):
+        ev = asyncio.Event()
+        sleeper = asyncio.ensure_future(wait_event(ev, 60.0))
+        await asyncio.sleep(0)  # the sleeper waits on the event now
+        if order == "set, then cancel":
+            ev.set()
+            sleeper.cancel()
+        else:
+            sleeper.cancel()
+            ev.set()
+        with pytest.raises(asyncio.CancelledError):
+            await sleeper
+    ev = asyncio.Event()
+    assert await wait_event(ev, 0.01) is False
+    ev.set()
+    assert await wait_event(ev, 60.0) is True
+
+
 async def test_an_idle_timeout_request_drains_like_end_of_input(chain) -> None:
     """The idle sweep's close request (`idle_timeout`) ends the input: what was received is still delivered, then
     DRAINED and END_OF_STREAM `idle_timeout` (CloseSession's `closed` ends at once instead)."""

@@ -25,6 +25,20 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait until `event` is set (True) or `timeout` seconds passed (False). Not `asyncio.wait_for(event.wait())`:
+    before Python 3.12 that swallows a cancellation arriving while the event is set, and a loop sleeping on it outlives
+    the cancel meant to end it (the server's stream feeder did, and kept its session's stream lock; it uses this one)."""
+    if event.is_set():
+        return True
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        done, _ = await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
+    return bool(done)
+
+
 class StreamMarker(enum.Enum):
     """In-band commands that may appear in an audio iterable; sent in order with the audio."""
 

@@ -34,7 +34,7 @@ import numpy as np
 from livekit import rtc
 from livekit.agents.voice.avatar import AudioSegmentEnd, VideoGenerator
 
-from .._streaming import StreamMarker, load_image_bytes
+from .._streaming import StreamMarker, load_image_bytes, wait_event
 from ..aio import AsyncAvatarClient, AsyncSession
 from ..media import VideoBlock
 from ..types import EventKind, Geometry, StatusEvent
@@ -113,10 +113,7 @@ class _FeedQueue:
     async def wait_changed(self, timeout: float) -> None:
         """Until an item is added or removed, or `timeout` seconds."""
         self._changed.clear()
-        try:
-            await asyncio.wait_for(self._changed.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
+        await wait_event(self._changed, timeout)
 
 
 class AvatarServeVideoGenerator(VideoGenerator, rtc.EventEmitter[Literal["playback_started", "playback_finished"]]):

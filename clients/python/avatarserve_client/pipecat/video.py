@@ -48,7 +48,7 @@ from typing import Any, AsyncIterator, Sequence
 import grpc
 import numpy as np
 
-from .._streaming import StreamMarker, load_image_bytes
+from .._streaming import StreamMarker, load_image_bytes, wait_event
 from ..aio import AsyncAvatarClient, AsyncSession
 from ..errors import AvatarServeError, InvalidArgument, MissingDependency
 from ..media import VideoBlock
@@ -353,10 +353,7 @@ class AvatarServeVideoService(AIService):
             if ahead_ms <= self._lead_ms:
                 return True
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=(ahead_ms - self._lead_ms) / 1000.0)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self._wake, (ahead_ms - self._lead_ms) / 1000.0)
         return False
 
     async def _drain(self) -> None:

@@ -45,7 +45,8 @@ from avatarserve.serve.api.auth import Authenticator
 from avatarserve.serve.api.errors import (ApiError, StreamFailed, apply_to_context, from_redis_unavailable,
                                           from_stage_error, stage_error_of)
 from avatarserve.serve.api.grpc_service import MalformedMessage
-from avatarserve.serve.api.stream_controller import Counters, StreamCancelled, StreamController, StreamSettings
+from avatarserve.serve.api.stream_controller import (Counters, StreamCancelled, StreamController, StreamSettings,
+                                                     next_request)
 from avatarserve.serve.config import AppConfig
 from avatarserve.serve.control.admission import Admission, AdmissionRefused
 from avatarserve.serve.control.autoscale import WAITING_SESSIONS_METRIC
@@ -85,8 +86,8 @@ class Gateway:
         self._loop_state: Dict[int, tuple] = {}
         self._samplers: Dict[int, asyncio.Task] = {}
         self._sweepers: Dict[int, asyncio.Task] = {}  # per event loop: the idle sweep (`_sweep_idle`)
-        self._streams: Dict[str, tuple] = {}
-        self._closing_pipes: set = set()  # pipes of ended streams finishing in the background  # session id -> (StreamController, SessionMeter)
+        self._streams: Dict[str, tuple] = {}  # session id -> (StreamController, SessionMeter)
+        self._teardowns: set = set()  # ended streams' releases and pipe closes running in the background
         self.replica_id = uuid.uuid4().hex[:8]
         self.app_name = serve_app_name() or self.app.name  # what Serve routes `application` metadata by
         self.metrics = GatewayMetrics() if in_serve_replica() else None
@@ -498,9 +499,8 @@ class Gateway:
     async def _open_stream(self, it, lease: "_StreamLease") -> StreamSettings:
         """Hello -> authorized session, its stream lock, a live route and an open pipeline (recorded in `lease`)."""
         registry, store, client = self._clients()
-        try:
-            first = await it.__anext__()
-        except StopAsyncIteration:
+        first = await next_request(it)  # StreamCancelled when the client is already gone
+        if first is None:
             raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "empty stream: the first message must be Hello")
         if isinstance(first, MalformedMessage):
             raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed first message: {first}")
@@ -602,10 +602,15 @@ class Gateway:
 
     async def _end_lease(self, lease: "_StreamLease") -> None:
         """Free what an opened stream holds: keepalive, pipeline, stream lock (the session's TTL restarts now).
-        Idempotent."""
-        if lease.ended:
-            return
-        lease.ended = True
+        Idempotent, and done to the end even when the caller is cancelled (a cancelled client's stream is torn down
+        from several tasks at once, and Serve cancels them): a half-done release would keep the stream lock."""
+        if lease.ending is None:
+            lease.ending = asyncio.get_running_loop().create_task(self._free_lease(lease), name=f"{lease.sid}/end")
+            self._teardowns.add(lease.ending)
+            lease.ending.add_done_callback(self._teardowns.discard)
+        await asyncio.shield(lease.ending)
+
+    async def _free_lease(self, lease: "_StreamLease") -> None:
         _, store, _ = self._clients()
         if lease.keepalive is not None:
             lease.keepalive.cancel()
@@ -615,8 +620,8 @@ class Gateway:
             # replica frees the session now instead of keeping it for a reopen.
             closing = asyncio.get_running_loop().create_task(
                 lease.pipe.close(self.app.recovery.close_drain_s), name=f"{lease.sid}/pipe-close")
-            self._closing_pipes.add(closing)
-            closing.add_done_callback(self._closing_pipes.discard)
+            self._teardowns.add(closing)
+            closing.add_done_callback(self._teardowns.discard)
         if lease.sid is not None:
             try:  # the session's TTL counts from the end of its last stream
                 await self._touch_session(lease.sid)
@@ -661,7 +666,7 @@ class _StreamLease:
     pipe: Optional[RecoveringPipe] = None
     route: List[RouteHop] = field(default_factory=list)  # the stream's current route (changes when a hop is re-placed)
     streaming: bool = False  # the controller runs: an INTERNAL error now marks the session FAILED
-    ended: bool = False  # `Gateway._end_lease` ran
+    ending: Optional[asyncio.Task] = None  # `Gateway._end_lease`'s release (runs once)
     base: Optional[Counters] = None  # the session's counters when the stream opened (its earlier streams)
     idle_timeout_ms: int = 0
 

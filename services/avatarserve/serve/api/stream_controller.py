@@ -46,6 +46,7 @@ import numpy as np
 from avatarserve_client.v1 import avatar_service_pb2 as pb
 
 from avatarserve.engine.idle import is_idle as is_idle_rms
+from avatarserve_client._streaming import wait_event  # one cancel-safe wait for the SDK and the server
 from avatarserve.serve.api.errors import ApiError, from_pipeline_error
 from avatarserve.serve.dataplane.transport import BlockItem, ControlItem, PipelineError
 
@@ -137,6 +138,18 @@ class _EndNow:
 
 class StreamCancelled(Exception):
     """The client cancelled the call (or vanished): the stream ends at once, nothing more is sent."""
+
+
+async def next_request(requests: AsyncIterator):
+    """The client's next message, None at the end of its request stream. A request stream that breaks (instead of
+    ending) raises StreamCancelled: under Serve, fetching the next message is a Ray call to the proxy, and Ray cancels
+    it (TaskCancelledError) when the client cancels the call; our own parsing never raises (api/grpc_service.py)."""
+    try:
+        return await requests.__anext__()
+    except StopAsyncIteration:
+        return None
+    except Exception as exc:  # noqa: BLE001 - whatever broke the request stream, nothing more comes from this client
+        raise StreamCancelled(f"the request stream broke: {type(exc).__name__}: {exc}") from exc
 
 
 # END_OF_STREAM / DRAINED codes (StatusEvent.code) and their human-readable message.
@@ -352,7 +365,13 @@ class StreamController:
         return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
 
     async def _read(self, requests: AsyncIterator) -> None:
-        async for msg in requests:
+        while True:
+            try:
+                msg = await next_request(requests)
+            except StreamCancelled:
+                await self._client_gone()
+            if msg is None:
+                break
             if not isinstance(msg, pb.ClientMessage):  # a message the server could not parse (api/grpc_service.py)
                 raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed ClientMessage: {msg}")
             kind = msg.WhichOneof("kind")
@@ -373,16 +392,19 @@ class StreamController:
                 raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "empty ClientMessage")
         cancelled = getattr(requests, "is_cancelled", None)  # Serve's gRPCInputStream: the client went away
         if callable(cancelled) and cancelled():
-            self.cancelled = True
-            for t in self._tasks:  # stop generating at once (this task ends by raising below)
-                if t is not asyncio.current_task():
-                    t.cancel()
-            if self.on_cancel is not None:
-                await self.on_cancel()
-            raise StreamCancelled(f"session {self.sid}: the client cancelled the stream")
+            await self._client_gone()
         self.end_of_input = True  # END_OF_INPUT or half-close
         await self._end_utterance()
         self._wake.set()
+
+    async def _client_gone(self) -> None:
+        self.cancelled = True
+        for t in self._tasks:  # stop generating at once (this task ends with the raise below)
+            if t is not asyncio.current_task():
+                t.cancel()
+        if self.on_cancel is not None:
+            await self.on_cancel()
+        raise StreamCancelled(f"session {self.sid}: the client cancelled the stream")
 
     async def _on_audio(self, chunk: pb.AudioChunk) -> None:
         if chunk.seq <= self.last_seq:
@@ -573,10 +595,7 @@ class StreamController:
             await self._wake.wait()
             return
         timeout = max(min(deadlines) - self.clock(), _MIN_SLEEP_S)
-        try:
-            await asyncio.wait_for(self._wake.wait(), timeout=timeout)
-        except asyncio.TimeoutError:
-            pass
+        await wait_event(self._wake, timeout)
 
     async def _receive(self) -> None:
         while True:

@@ -31,6 +31,7 @@ import grpc.aio
 import numpy as np
 
 from avatarserve.stage.v1 import stage_pb2 as pb
+from avatarserve_client._streaming import wait_event  # one cancel-safe wait for the SDK and the server
 
 if TYPE_CHECKING:  # torch is imported lazily: the gateway path does not need it to relay bytes.
     import torch
@@ -569,10 +570,7 @@ class ControlBoard:
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
                 raise ControlTimeoutError(f"no {kind!r} control item applicable to block {for_block} arrived within {timeout_s:g}s")
-            try:
-                await asyncio.wait_for(ev.wait(), remaining)
-            except asyncio.TimeoutError:
-                continue
+            await wait_event(ev, remaining)
 
     def close(self, session_id: str) -> None:
         self._items.pop(session_id, None)
