@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     from ray import serve
 
     from avatarserve.serve.builder import deploy, grpc_options
+    from avatarserve.serve.ray_compat import start_serve
     from avatarserve_client import AvatarClient, CapacityExhausted, VideoBlock, chunk_pcm
 
     work = Path(tempfile.mkdtemp(prefix="avatarserve-scale-"))
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                  object_store_memory=150 * 1024 * 1024, namespace="avatarserve-scale-bench")
         try:
             gport = _free_port()
-            serve.start(grpc_options=grpc_options(gport), http_options={"host": "127.0.0.1", "port": _free_port()})
+            start_serve(grpc_options=grpc_options(gport), http_options={"host": "127.0.0.1", "port": _free_port()})
             cfg = {"name": APP, "route_prefix": "/" + APP, "redis_url": f"redis://127.0.0.1:{rport}/0",
                    "model": {"config": args.model, "seed": 0, "stream_overrides": {"num_steps": args.steps}},
                    "capacity": dict.fromkeys(("audio", "denoise", "vae"), args.capacity),

@@ -163,11 +163,12 @@ class ServeInstance:
 
 @pytest.fixture(scope="session")
 def serve_instance(ray_cluster: RayCluster) -> Iterator[ServeInstance]:
-    from ray import serve
+    from avatarserve.serve.ray_compat import start_serve
 
     grpc_port, http_port = free_port(), free_port()
     grpc_options = {"port": grpc_port, "grpc_servicer_functions": SERVE_GRPC_SERVICER_FUNCTIONS}
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": http_port}, grpc_options=grpc_options)
+    start_serve(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": http_port},
+                grpc_options=grpc_options)
     yield ServeInstance(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}")  # ray_cluster's teardown shuts Serve down
 
 

@@ -12,10 +12,14 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import av
+import grpc
 import numpy as np
 import pytest
+from avatarserve_client.v1 import avatar_service_pb2 as pb
+from avatarserve_client.v1 import avatar_service_pb2_grpc as pb_grpc
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -31,6 +35,50 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+class _LiveStream:
+    """A client mid-stream (raw gRPC): it sends a few blocks of audio and keeps its side open."""
+
+    def __init__(self, address: str, key_file: str, image: str):
+        self.first_video = threading.Event()
+        self.error = None
+        self.code = None
+        self.last = None
+        self.thread = threading.Thread(target=self._run, args=(address, key_file, image), daemon=True)
+        self.thread.start()
+
+    def _run(self, address: str, key_file: str, image: str) -> None:
+        try:
+            md = [("authorization", "Bearer " + open(key_file).read().strip())]
+            with grpc.insecure_channel(address) as ch:
+                stub = pb_grpc.AvatarServiceStub(ch)
+                resp = stub.CreateSession(pb.CreateSessionRequest(reference_image=open(image, "rb").read()),
+                                          metadata=md, timeout=600)
+                hold = threading.Event()
+
+                def requests():
+                    yield pb.ClientMessage(hello=pb.Hello(session_id=resp.session_id,
+                                                          session_token=resp.session_token))
+                    pcm = (np.sin(np.arange(1600) / 5.0) * 8000).astype("<i2").tobytes()
+                    for k in range(20):
+                        yield pb.ClientMessage(audio=pb.AudioChunk(seq=k, pts_ms=k * 100, pcm=pcm))
+                    hold.wait(600)
+
+                call = stub.StreamSession(requests(), metadata=md + [("session_id", resp.session_id)], timeout=900)
+                try:
+                    for msg in call:
+                        if msg.WhichOneof("kind") == "video":
+                            self.first_video.set()
+                        elif msg.WhichOneof("kind") == "status":
+                            self.last = msg.status
+                    self.code = call.code().name
+                finally:
+                    hold.set()
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.first_video.set()
 
 
 def test_up_stream_down(tmp_path):
@@ -63,8 +111,20 @@ def test_up_stream_down(tmp_path):
             streamed = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
             assert len(c.streams.audio) == 1
         assert streamed.shape == (84, 64, 64, 3)
+
+        # `down` during a live stream: the stream ends with END_OF_STREAM server_draining, not a dead replica's error
+        live = _LiveStream(info["grpc_address"], state["api_key_file"], demo["image"])
+        live.first_video.wait(600)
+        assert live.error is None, live.error
+        down = _run(["down"], env, timeout=600)
+        live.thread.join(600)
+        assert live.error is None, live.error
+        assert (live.code, live.last.kind, live.last.code) == (
+            "OK", pb.StatusEvent.KIND_END_OF_STREAM, "server_draining"), (live.code, live.last)
+        assert json.loads(down.stdout.strip().splitlines()[-1])["drain"]["open_streams_left"] == 0, down.stdout
     finally:
-        down = _run(["down"], env, timeout=120)
+        if state_file.exists():
+            down = _run(["down"], env, timeout=600)
     assert down.returncode == 0, down.stderr[-2000:]
     assert not state_file.exists()
     assert not _alive(state["redis_pid"])

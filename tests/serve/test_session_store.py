@@ -63,6 +63,24 @@ async def test_stream_sync_close_request_and_tombstone(store: SessionStore) -> N
     assert await store.finalize_close("never") is None
 
 
+async def test_drain_flag_ends_streams_with_server_draining_until_lifted(store: SessionStore) -> None:
+    await store.create_session("d1", sink(), width=64, height=64)
+    await store.create_session("d2", sink(), width=64, height=64)
+    assert await store.draining_ms() == 0
+    await store.start_draining(30.0)
+    assert 0 < await store.draining_ms() <= 30_000
+    assert await store.r.pttl(f"{store.ns}draining") > 0  # like every key: it expires by itself
+    assert await store.sync_stream("d1", deltas={}) == "server_draining"
+    await store.request_close("d2", "closed")  # a close request says more than the drain: it wins
+    assert await store.sync_stream("d2", deltas={}) == "closed"
+    await store.acquire_stream_lock("d1", "gw")
+    assert await store.open_streams() == 1
+    await store.release_stream_lock("d1", "gw")
+    assert await store.open_streams() == 0
+    await store.stop_draining()
+    assert await store.draining_ms() == 0 and await store.sync_stream("d1", deltas={}) == ""
+
+
 async def test_failed_sessions_keep_their_state_in_the_tombstone(store: SessionStore) -> None:
     await store.create_session("s2", sink(), width=64, height=64, options={})
     assert await store.fail("s2", "pipeline error: boom")

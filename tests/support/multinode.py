@@ -138,11 +138,10 @@ def deploy_main(argv: Optional[List[str]] = None) -> int:
     os.environ.update({k: v for k, v in ray_env().items() if k.startswith("RAY_") and k not in os.environ})
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
     import ray
-    from ray import serve
 
     from avatarserve.serve.builder import deploy, grpc_options
     from avatarserve.serve.ops.progress import wait_running
-    from avatarserve.serve.ray_compat import deploy_apps
+    from avatarserve.serve.ray_compat import deploy_apps, start_serve
 
     ray.init(address=args.address, log_to_driver=False, namespace="avatarserve")
     try:
@@ -154,7 +153,7 @@ def deploy_main(argv: Optional[List[str]] = None) -> int:
             from avatarserve.serve.config import AppConfig
 
             config = yaml.safe_load(Path(args.app[1:]).read_text())
-            serve.start(proxy_location=config["proxy_location"], http_options=config["http_options"],
+            start_serve(proxy_location=config["proxy_location"], http_options=config["http_options"],
                         grpc_options=config["grpc_options"])
             deploy_apps(ServeDeploySchema.model_validate(config))
             app = AppConfig.parse(config["applications"][0]["args"])
@@ -162,7 +161,7 @@ def deploy_main(argv: Optional[List[str]] = None) -> int:
             return 0
         # One proxy, on the head: every node of this cluster shares one machine, so per-node proxies would all
         # want the same port (on Kubernetes each pod has its own).
-        serve.start(proxy_location="HeadOnly", grpc_options=grpc_options(args.grpc_port),
+        start_serve(proxy_location="HeadOnly", grpc_options=grpc_options(args.grpc_port),
                     http_options={"host": args.address.rsplit(":", 1)[0], "port": args.http_port})
         deploy(json.loads(args.app))
     finally:

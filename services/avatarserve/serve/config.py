@@ -177,6 +177,11 @@ class TimeoutsConfig(ReplicaTimeouts):
         description="How often each gateway replica closes the sessions past their idle timeout (an atomic claim "
                     "in Redis: several replicas sweeping never close a session twice). A session closes at most "
                     "this much after its idle timeout.")
+    shutdown_drain_s: float = Field(
+        30.0, ge=0,
+        description="`avatarserve down`: how long it waits for the open streams to end with END_OF_STREAM "
+                    "`server_draining` (each first delivers what its client sent) before it stops the cluster "
+                    "regardless. Meanwhile new sessions and streams get UNAVAILABLE.")
     redis_start_s: float = Field(60.0, gt=0, description="`avatarserve up`: redis-server must accept connections "
                                                          "within this time (it fails at once if it exits).")
     ray_start_s: float = Field(600.0, gt=0, description="`avatarserve up`: the Ray head must listen within this time "

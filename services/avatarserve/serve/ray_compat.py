@@ -9,9 +9,13 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-__all__ = ["RAY_VERSION", "RayCompatError", "check_ray_version", "deploy_apps", "in_serve_replica", "replica_log_file"]
+__all__ = ["RAY_VERSION", "RayCompatError", "check_ray_version", "deploy_apps", "in_serve_replica", "replica_log_file",
+           "start_serve"]
 
 RAY_VERSION = "2.60.0"
+SERVE_START_ATTEMPTS = 5  # `start_serve`: how many times Serve may give up on its late proxies before we do
+
+log = logging.getLogger(__name__)
 
 
 class RayCompatError(RuntimeError):
@@ -24,6 +28,28 @@ def check_ray_version() -> None:
     if ray.__version__ != RAY_VERSION:
         raise RayCompatError(f"AvatarServe drives Ray Serve internals written for ray=={RAY_VERSION}; installed is "
                              f"ray=={ray.__version__} (install the version pinned in pyproject.toml)")
+
+
+def start_serve(**options: Any) -> None:
+    """`serve.start(**options)` that survives a slow machine.
+
+    Serve waits a fixed 60 s for its proxy actors (`HTTP_PROXY_TIMEOUT`, not configurable) and kills them when they
+    are late, which a busy machine makes happen (a proxy process importing Ray Serve on two loaded cores). The
+    controller is up by then and starts the proxies again on its own, so asking again is all it takes; the caller
+    waits for the gRPC port to answer afterwards (`ops/launcher.py wait_grpc_healthy`).
+    """
+    import ray.exceptions
+    from ray import serve
+
+    for attempt in range(1, SERVE_START_ATTEMPTS + 1):
+        try:
+            serve.start(**options)
+            return
+        except (ray.exceptions.ActorDiedError, ray.exceptions.GetTimeoutError) as exc:
+            if attempt == SERVE_START_ATTEMPTS:
+                raise
+            log.warning("Serve gave up on its proxy after its fixed 60 s wait (a busy machine); asking again "
+                        "(attempt %d of %d): %s", attempt + 1, SERVE_START_ATTEMPTS, str(exc).splitlines()[0])
 
 
 def deploy_apps(schema: Any) -> None:

@@ -45,8 +45,8 @@ from avatarserve.serve.api.auth import Authenticator
 from avatarserve.serve.api.errors import (ApiError, StreamFailed, apply_to_context, from_redis_unavailable,
                                           from_stage_error, stage_error_of)
 from avatarserve.serve.api.grpc_service import MalformedMessage
-from avatarserve.serve.api.stream_controller import (Counters, StreamCancelled, StreamController, StreamSettings,
-                                                     next_request)
+from avatarserve.serve.api.stream_controller import (DRAINING_ENDS, Counters, StreamCancelled, StreamController,
+                                                     StreamSettings, next_request)
 from avatarserve.serve.config import AppConfig
 from avatarserve.serve.control.admission import Admission, AdmissionRefused
 from avatarserve.serve.control.autoscale import WAITING_SESSIONS_METRIC
@@ -263,6 +263,7 @@ class Gateway:
                          f"reference_image is {len(request.reference_image)} bytes; the limit is {MAX_IMAGE_BYTES}")
         opts = self._effective_options(request)
         registry, store, _ = self._clients()
+        await self._refuse_while_draining(store)
         sid = uuid.uuid4().hex
         # Admission: reserve a slot on every stage first (fail fast, before any model work).
         try:
@@ -512,6 +513,7 @@ class Gateway:
             raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, f"session {sid!r} is {rec.state}")
         if rec.close_req:
             raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, f"session {sid!r} is closing ({rec.close_req})")
+        await self._refuse_while_draining(store)
         if not await store.acquire_stream_lock(sid, self.replica_id):
             raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, f"a stream is already open for session {sid!r}")
         lease.sid = sid
@@ -599,6 +601,14 @@ class Gateway:
             raise ApiError(grpc.StatusCode.UNAVAILABLE,
                            f"lost the session's {hop.deployment} replica and no other can take the session: {exc}",
                            {"retry-after-ms": str(exc.retry_after_ms)}) from exc
+
+    @staticmethod
+    async def _refuse_while_draining(store: SessionStore) -> None:
+        left_ms = await store.draining_ms()
+        if left_ms:
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, "the server is draining (it is being stopped): open the "
+                           "session on another server, or retry once this one is back",
+                           {"retry-after-ms": str(left_ms)})
 
     async def _end_lease(self, lease: "_StreamLease") -> None:
         """Free what an opened stream holds: keepalive, pipeline, stream lock (the session's TTL restarts now).
@@ -727,7 +737,7 @@ class _StreamObserver:
                 log.warning("session %s: stream sync failed: %s", self.sid, exc)
                 continue
             if code:
-                self.ctl.request_end(code, drain=code == "idle_timeout")
+                self.ctl.request_end(code, drain=code in DRAINING_ENDS)
 
     async def __call__(self, stats: dict) -> None:
         m, delivered, frames = self.gw.metrics, stats["delivered"], stats["frames"]
@@ -736,7 +746,7 @@ class _StreamObserver:
             self.meter.delivered(frames)
         code = await self.flush()
         if code:
-            self.ctl.request_end(code, drain=code == "idle_timeout")
+            self.ctl.request_end(code, drain=code in DRAINING_ENDS)
         if m is None:
             return
         self._observe_events(m)

@@ -152,6 +152,9 @@ async def next_request(requests: AsyncIterator):
         raise StreamCancelled(f"the request stream broke: {type(exc).__name__}: {exc}") from exc
 
 
+# End codes that drain (what the client sent is still delivered, then DRAINED) instead of ending at once.
+DRAINING_ENDS = frozenset({"idle_timeout", "server_draining"})
+
 # END_OF_STREAM / DRAINED codes (StatusEvent.code) and their human-readable message.
 END_MESSAGES = {
     "end_of_input": "end of input: every block of this stream's audio was delivered",

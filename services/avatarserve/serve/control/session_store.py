@@ -14,6 +14,8 @@ Keys (under `namespace`, default "avatarserve:"):
                                 TTL is kept at least that of the sessions it lists;
                                 the gateways' idle sweep claims expired members atomically (ZREM), so several
                                 sweepers never close a session twice
+    draining             string set while the cluster drains (`avatarserve down`): open streams end with
+                                `server_draining`, new sessions and streams are refused; its own short TTL
 
 Every key is written with a TTL (`session_ttl_s`) and no write creates one without it: counters and state change
 only a session hash that exists (a session that expired stays gone instead of coming back as a TTL-less stub). The
@@ -138,9 +140,10 @@ end
 return 1
 """
 
-# A stream's periodic write. KEYS[1] session hash, KEYS[2] idle zset. ARGV: sid, idle deadline ms (0: unchanged),
-# number of HSET pairs n, n field/value pairs, then HINCRBY field/delta pairs. Returns {0} when the session is gone,
-# else {1, close_req} (the reason a close was requested with, "" for none).
+# A stream's periodic write. KEYS[1] session hash, KEYS[2] idle zset, KEYS[3] the drain flag. ARGV: sid, idle
+# deadline ms (0: unchanged), number of HSET pairs n, n field/value pairs, then HINCRBY field/delta pairs. Returns {0}
+# when the session is gone, else {1, reason}: the reason a close was requested with, else 'server_draining' while the
+# drain flag is set, else "".
 _SYNC_STREAM = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0, ''} end
 local n = tonumber(ARGV[3])
@@ -151,7 +154,9 @@ if tonumber(ARGV[2]) > 0 then
   local t, cur = redis.call('PTTL', KEYS[1]), redis.call('PTTL', KEYS[2])
   if t > 0 and (cur == -1 or cur < t) then redis.call('PEXPIRE', KEYS[2], t) end
 end
-return {1, redis.call('HGET', KEYS[1], 'close_req') or ''}
+local reason = redis.call('HGET', KEYS[1], 'close_req') or ''
+if reason == '' and redis.call('EXISTS', KEYS[3]) == 1 then reason = 'server_draining' end
+return {1, reason}
 """
 
 # Close a session: its hash becomes the tombstone, every other key goes, all at once. KEYS: session, sink,
@@ -296,6 +301,10 @@ class SessionStore:
     def _idle_key(self) -> str:
         return f"{self.ns}idle"
 
+    @property
+    def _drain_key(self) -> str:
+        return f"{self.ns}draining"
+
     async def create_session(self, sid: str, sink: SinkState, *, width: int, height: int,
                              options: Optional[dict] = None) -> str:
         """Store a new session; returns its (secret) token. Only the token's hash is stored. A session with an idle
@@ -363,15 +372,36 @@ class SessionStore:
                           idle_deadline_ms: int = 0) -> Optional[str]:
         """An open stream's periodic write, in one atomic step: add `deltas` to the counters, set `fields`, move the
         session's idle deadline (only while it is in the idle index: a claimed session stays claimed). Returns the
-        reason a close was requested with ("" for none), or None when the session no longer exists."""
+        reason a close was requested with ("" for none; "server_draining" while the cluster drains), or None when
+        the session no longer exists."""
         sets = [x for k, v in (fields or {}).items() for x in (k, str(v))]
         incrs = [x for k, v in deltas.items() if v for x in (k, int(v))]
-        res = await self._sync_stream(keys=[self._k("session", sid), self._idle_key],
+        res = await self._sync_stream(keys=[self._k("session", sid), self._idle_key, self._drain_key],
                                       args=[sid, int(idle_deadline_ms), len(sets) // 2, *sets, *incrs])
         if not int(res[0]):
             return None
         reason = res[1]
         return reason.decode() if isinstance(reason, bytes) else str(reason or "")
+
+    # ----- drain: the whole cluster is going away (`avatarserve down`) ---------------------------------------------
+    async def start_draining(self, ttl_s: float) -> None:
+        """Every open stream ends with END_OF_STREAM `server_draining` (what it sent is delivered first) at its next
+        sync; new sessions and streams are refused with UNAVAILABLE. The flag expires after `ttl_s`, so a drain whose
+        caller died does not refuse work forever."""
+        await self.r.set(self._drain_key, "1", px=max(1, int(ttl_s * 1000)))
+
+    async def stop_draining(self) -> None:
+        await self.r.delete(self._drain_key)
+
+    async def draining_ms(self) -> int:
+        """Milliseconds the drain flag still holds (0: not draining)."""
+        return max(0, int(await self.r.pttl(self._drain_key)))
+
+    async def open_streams(self) -> int:
+        n = 0
+        async for _ in self.r.scan_iter(match=f"{self.ns}streamlock:*", count=1000):
+            n += 1
+        return n
 
     async def request_close(self, sid: str, reason: str) -> bool:
         """Ask the session's open stream (whichever gateway holds it) to end with END_OF_STREAM `reason`; the first

@@ -73,6 +73,10 @@ def load_config(path: Optional[str | os.PathLike] = None) -> Dict[str, Any]:
     return cfg
 
 
+DRAIN_POLL_S = 0.25  # how often `down` checks whether the drained streams have ended
+DRAIN_FLAG_MARGIN_S = 60.0  # the drain flag outlives `down`'s wait by this much, then expires by itself
+
+
 @dataclass
 class ClusterState:
     config_path: str
@@ -222,13 +226,13 @@ def deploy_app(cfg: Dict[str, Any], ray_address: str, redis_url: str, grpc_port:
     """Connect to the cluster and deploy the Serve app (driver exits afterwards; Serve keeps running)."""
     os.environ.update({k: v for k, v in ray_env().items() if k.startswith("RAY_")})
     import ray
-    from ray import serve
 
     from avatarserve.serve.builder import deploy, grpc_options, http_options
+    from avatarserve.serve.ray_compat import start_serve
 
     ray.init(address=ray_address, log_to_driver=False, namespace="avatarserve")
     try:
-        serve.start(grpc_options=grpc_options(grpc_port), http_options=http_options(http_port))
+        start_serve(grpc_options=grpc_options(grpc_port), http_options=http_options(http_port))
         app: AppConfig = cfg["app"].model_copy(update={"redis_url": redis_url})
         try:
             deploy(app, timeout_s=app.timeouts.deploy_s, on_progress=progress.update if progress else None)
@@ -333,6 +337,8 @@ def up(config_path: Optional[str] = None, *, state_file: Path = STATE_FILE, quie
             rport = int(cfg.get("redis", {}).get("port") or free_port())
             redis_pid = start_redis(rport, workdir, timeouts.redis_start_s)
             redis_url = f"redis://127.0.0.1:{rport}/0"
+        else:
+            undrain(redis_url, app.namespace)  # a drain left behind by a stopped cluster on this Redis
         ray_pgid, ray_address = start_ray_head(cfg, temp_dir, metrics_port, timeouts.ray_start_s)
         state = ClusterState(config_path=cfg["_path"], grpc_address=f"127.0.0.1:{grpc_port}",
                              http_address=f"http://127.0.0.1:{http_port}", ray_address=ray_address,
@@ -372,6 +378,47 @@ def up(config_path: Optional[str] = None, *, state_file: Path = STATE_FILE, quie
     return 0
 
 
+def drain_streams(redis_url: str, namespace: str, wait_s: float) -> Dict[str, Any]:
+    """Drain the cluster that keeps its sessions under `namespace`: every open stream ends with END_OF_STREAM
+    `server_draining` (after delivering what its client sent), new sessions and streams get UNAVAILABLE. Waits until
+    no stream is open or `wait_s` passed. The flag outlives the wait by `DRAIN_FLAG_MARGIN_S` (then expires by
+    itself); `undrain` clears it."""
+    import asyncio
+
+    from avatarserve.serve.control.session_store import SessionStore
+
+    async def run() -> Dict[str, Any]:
+        store = SessionStore.from_url(redis_url, namespace=namespace)
+        try:
+            t0 = time.monotonic()
+            await store.start_draining(wait_s + DRAIN_FLAG_MARGIN_S)
+            while True:
+                left = await store.open_streams()
+                if not left or time.monotonic() - t0 >= wait_s:
+                    return {"open_streams_left": left, "drain_s": round(time.monotonic() - t0, 2)}
+                await asyncio.sleep(DRAIN_POLL_S)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def undrain(redis_url: str, namespace: str) -> None:
+    """Clear the drain flag (`up` on a Redis that a drained cluster used)."""
+    import asyncio
+
+    from avatarserve.serve.control.session_store import SessionStore
+
+    async def run() -> None:
+        store = SessionStore.from_url(redis_url, namespace=namespace)
+        try:
+            await store.stop_draining()
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
 def down(*, state_file: Path = STATE_FILE, quiet: bool = False) -> int:
     state = ClusterState.load(state_file)
     if state is None:
@@ -379,6 +426,13 @@ def down(*, state_file: Path = STATE_FILE, quiet: bool = False) -> int:
             print(json.dumps({"stopped": False, "reason": f"no local cluster recorded in {state_file}"}))
         return 0
     stopped: List[str] = []
+    drained: Optional[Dict[str, Any]] = None
+    if state.ray_pgid and state.redis_url:
+        try:  # open streams end with END_OF_STREAM server_draining, not with the replicas' death
+            app = load_config(state.config_path)["app"]
+            drained = drain_streams(state.redis_url, app.namespace, app.timeouts.shutdown_drain_s)
+        except Exception as exc:  # noqa: BLE001 - a cluster that cannot drain (Redis gone) is still stopped
+            drained = {"error": f"{type(exc).__name__}: {exc}"}
     if state.tls_front_pid:
         _kill_pid(state.tls_front_pid)
         stopped.append("tls-front")
@@ -395,7 +449,12 @@ def down(*, state_file: Path = STATE_FILE, quiet: bool = False) -> int:
     if state.redis_pid:
         _kill_pid(state.redis_pid)
         stopped.append("redis-server")
+    if drained is not None and not state.redis_pid and "error" not in drained:
+        try:  # an external Redis outlives this cluster: the next one must not start drained
+            undrain(state.redis_url, load_config(state.config_path)["app"].namespace)
+        except Exception:  # noqa: BLE001 - the flag expires by itself
+            pass
     state_file.unlink(missing_ok=True)
     if not quiet:
-        print(json.dumps({"stopped": True, "processes": stopped}))
+        print(json.dumps({"stopped": True, "processes": stopped, "drain": drained}))
     return 0
