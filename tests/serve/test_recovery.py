@@ -49,9 +49,9 @@ def _block(b: int) -> BlockItem:
     return BlockItem(block_index=b, pts_ms=b * 480, tensors={"pcm": np.full(8, b, np.float32)})
 
 
-async def _stream(pipe: RecoveringPipe, blocks: int, on_received) -> list[int]:
-    """Send `blocks` blocks (at most 3 in flight, like the gateway's cap) while receiving; -> indices received."""
-    room = asyncio.Semaphore(3)
+async def _stream(pipe: RecoveringPipe, blocks: int, on_received, in_flight: int = 3) -> list[int]:
+    """Send `blocks` blocks (at most `in_flight`, like the gateway's cap) while receiving; -> indices received."""
+    room = asyncio.Semaphore(in_flight)
     got: list[int] = []
 
     async def send() -> None:
@@ -269,7 +269,11 @@ async def test_a_hop_already_gone_at_open_is_re_placed(synthetic_chain: ChainFac
         await spare.stop(grace_s=0.5)
 
 
-async def test_a_stuck_hop_is_detected_and_the_pipe_reopened_on_the_same_route(synthetic_chain: ChainFactory) -> None:
+@pytest.mark.parametrize("in_flight", [3, 1])
+async def test_a_stuck_hop_is_detected_and_the_pipe_reopened_on_the_same_route(synthetic_chain: ChainFactory,
+                                                                               in_flight: int) -> None:
+    """With one block in flight the receive for block 3 starts while the pipe is empty (the next block is sent
+    after it): the stall deadline must still start when that block goes in (it once waited forever)."""
     class StuckOnce(SyntheticStage):
         """Never finishes block 3 of the first pipe it serves (a hop that hangs without dying)."""
 
@@ -303,7 +307,10 @@ async def test_a_stuck_hop_is_detected_and_the_pipe_reopened_on_the_same_route(s
 
             pipe = await RecoveringPipe("s-stuck", open_at, reroute, replay_blocks=8, max_recoveries=1,
                                         stall_s=1.0).open()
-            got = await _stream(pipe, 8, lambda b: asyncio.sleep(0))
+            async def at_once(b: int) -> None:  # does not yield: the next receive starts before the next send
+                pass
+
+            got = await asyncio.wait_for(_stream(pipe, 8, at_once, in_flight=in_flight), 60)
             await pipe.close()
         assert got == list(range(8))
         assert len(pipe.recoveries) == 1 and pipe.recoveries[0].start_block == 0 and stuck.opens == 2

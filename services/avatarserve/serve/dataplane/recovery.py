@@ -107,6 +107,7 @@ class RecoveringPipe:
         self._on_recovery = on_recovery
         self._pipe: Optional[PipelineSession] = None
         self._ready = asyncio.Event()  # the current pipe takes new blocks (cleared while recovering)
+        self._sent_into_empty = asyncio.Event()  # set by `send` when a block enters an empty pipe
         self._pending: "OrderedDict[int, BlockItem]" = OrderedDict()  # sent, result not yet received
         self._history: Deque[BlockItem] = deque(maxlen=max(max_replay, 1))  # received, newest last
         self._next_block = 0  # the next block index the caller sends
@@ -177,6 +178,7 @@ class RecoveringPipe:
             raise ProtocolError(f"session {self.session_id!r}: send after close")
         if not self._pending:
             self._progress_at = self._clock()
+            self._sent_into_empty.set()  # a receive waiting without a stall deadline now needs one
         self._pending[item.block_index] = item
         self._next_block = item.block_index + 1
         try:
@@ -198,11 +200,20 @@ class RecoveringPipe:
         if self._recv is None:
             self._recv = asyncio.get_running_loop().create_task(self._pipe.receive())
         while True:
-            timeout = None
-            if self.stall_s is not None and self._pending:
-                timeout = max(0.0, self._progress_at + self.stall_s - self._clock())
-            done, _ = await asyncio.wait({self._recv}, timeout=timeout)
-            if done:
+            timeout, sent = None, None
+            if self.stall_s is not None:
+                if self._pending:
+                    timeout = max(0.0, self._progress_at + self.stall_s - self._clock())
+                else:  # nothing in flight: no deadline until a block is sent, then wake up and take one
+                    self._sent_into_empty.clear()
+                    sent = asyncio.ensure_future(self._sent_into_empty.wait())
+            try:
+                await asyncio.wait({self._recv} | ({sent} if sent else set()), timeout=timeout,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if sent is not None:
+                    sent.cancel()
+            if self._recv.done():
                 task, self._recv = self._recv, None
                 item = task.result()
                 self._progress_at = self._clock()
