@@ -43,10 +43,10 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Optional
 
 import grpc
 import numpy as np
+from avatarserve_client._streaming import wait_event  # one cancel-safe wait for the SDK and the server
 from avatarserve_client.v1 import avatar_service_pb2 as pb
 
 from avatarserve.engine.idle import is_idle as is_idle_rms
-from avatarserve_client._streaming import wait_event  # one cancel-safe wait for the SDK and the server
 from avatarserve.serve.api.errors import ApiError, from_pipeline_error
 from avatarserve.serve.dataplane.transport import BlockItem, ControlItem, PipelineError
 

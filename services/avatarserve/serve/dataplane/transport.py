@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping, Optional, Protoco
 import grpc
 import grpc.aio
 import numpy as np
+from avatarserve_client._streaming import wait_event  # one cancel-safe wait for the SDK and the server
 
 from avatarserve.stage.v1 import stage_pb2 as pb
-from avatarserve_client._streaming import wait_event  # one cancel-safe wait for the SDK and the server
 
 if TYPE_CHECKING:  # torch is imported lazily: the gateway path does not need it to relay bytes.
     import torch
