@@ -171,20 +171,19 @@ def test_cancelled_streams_leave_the_session_usable(cluster):
             return stub.GetSession(pb.GetSessionRequest(session_id=sid, session_token=token), metadata=smd,
                                    timeout=60)
 
+        def requests(shape: str, release: threading.Event):
+            yield hello
+            if shape == "mid-audio":
+                for k in range(rnd.randint(1, 6)):
+                    yield pb.ClientMessage(audio=pb.AudioChunk(seq=k, pts_ms=k * 100, pcm=pcm))
+            elif shape == "bad chunk":  # 2 s in one chunk: INVALID_ARGUMENT
+                yield pb.ClientMessage(audio=pb.AudioChunk(seq=0, pts_ms=0, pcm=pcm * 20))
+            release.wait(120)  # the client's side stays open: only the cancel ends the call
+
         for i, shape in enumerate(shapes):
-            release = threading.Event()
-
-            def requests(shape=shape, release=release):
-                yield hello
-                if shape == "mid-audio":
-                    for k in range(rnd.randint(1, 6)):
-                        yield pb.ClientMessage(audio=pb.AudioChunk(seq=k, pts_ms=k * 100, pcm=pcm))
-                elif shape == "bad chunk":  # 2 s in one chunk: INVALID_ARGUMENT
-                    yield pb.ClientMessage(audio=pb.AudioChunk(seq=0, pts_ms=0, pcm=pcm * 20))
-                release.wait(120)
-
             while True:  # the previous stream's lock is released asynchronously after the client's cancel returns
-                call = stub.StreamSession(requests(), metadata=smd, timeout=120)
+                release = threading.Event()
+                call = stub.StreamSession(requests(shape, release), metadata=smd, timeout=120)
                 try:
                     first = next(call)
                     assert first.status.kind == pb.StatusEvent.KIND_STARTED, first
