@@ -679,16 +679,23 @@ async def test_the_idle_timeout_counts_the_silence_before_the_stream(chain) -> N
     assert (statuses(out)[-1].kind, statuses(out)[-1].code) == (pb.StatusEvent.KIND_END_OF_STREAM, "idle_timeout")
 
 
+def _freed_on_cancel():
+    """An `on_cancel` for a StreamController and the event it sets (where the gateway would free the session)."""
+    freed = asyncio.Event()
+
+    async def on_cancel() -> None:
+        freed.set()
+
+    return freed, on_cancel
+
+
 async def test_a_cancel_frees_the_session_even_when_nobody_reads_the_stream_any_more(chain) -> None:
     """Serve may drop the call's generator without unwinding it: the reader still sees the cancel and awaits
     `on_cancel` (the gateway frees the session there) although the output queue is full and nobody reads it."""
     route, _ = chain
     async with LoopWatchdog() as watchdog, PipelineClient() as client:
         pipe = await client.open("sess-gone", route)
-        freed = asyncio.Event()
-
-        async def on_cancel() -> None:
-            freed.set()
+        freed, on_cancel = _freed_on_cancel()
 
         ctl = StreamController("sess-gone", settings(idle_mode="wait"), pipe, on_cancel=on_cancel)
         reqs = CancellableRequests([audio(i, c) for i, c in enumerate(tone_chunks(8))])
@@ -712,10 +719,7 @@ async def test_a_request_stream_that_breaks_is_a_cancelled_client(chain) -> None
     route, _ = chain
     async with LoopWatchdog() as watchdog, PipelineClient() as client:
         pipe = await client.open("sess-broken", route)
-        freed = asyncio.Event()
-
-        async def on_cancel() -> None:
-            freed.set()
+        freed, on_cancel = _freed_on_cancel()
 
         class TaskCancelledLike(Exception):
             pass

@@ -284,11 +284,14 @@ class SessionStore:
     async def ping(self) -> None:
         await self.r.ping()
 
-    async def count_sessions(self) -> int:
+    async def _count_keys(self, kind: str) -> int:
         n = 0
-        async for _ in self.r.scan_iter(match=f"{self.ns}session:*", count=1000):
+        async for _ in self.r.scan_iter(match=f"{self.ns}{kind}:*", count=1000):
             n += 1
         return n
+
+    async def count_sessions(self) -> int:
+        return await self._count_keys("session")
 
     async def used_memory(self) -> int:
         return int((await self.r.info("memory")).get("used_memory", 0))
@@ -398,10 +401,7 @@ class SessionStore:
         return max(0, int(await self.r.pttl(self._drain_key)))
 
     async def open_streams(self) -> int:
-        n = 0
-        async for _ in self.r.scan_iter(match=f"{self.ns}streamlock:*", count=1000):
-            n += 1
-        return n
+        return await self._count_keys("streamlock")
 
     async def request_close(self, sid: str, reason: str) -> bool:
         """Ask the session's open stream (whichever gateway holds it) to end with END_OF_STREAM `reason`; the first

@@ -378,6 +378,22 @@ def up(config_path: Optional[str] = None, *, state_file: Path = STATE_FILE, quie
     return 0
 
 
+def _on_store(redis_url: str, namespace: str, work) -> Any:
+    """Run `await work(store)` on a SessionStore of the cluster's Redis, from synchronous launcher code."""
+    import asyncio
+
+    from avatarserve.serve.control.session_store import SessionStore
+
+    async def run() -> Any:
+        store = SessionStore.from_url(redis_url, namespace=namespace)
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
 def drain_streams(redis_url: str, namespace: str, wait_s: float) -> Dict[str, Any]:
     """Drain the cluster that keeps its sessions under `namespace`: every open stream ends with END_OF_STREAM
     `server_draining` (after delivering what its client sent), new sessions and streams get UNAVAILABLE. Waits until
@@ -385,38 +401,21 @@ def drain_streams(redis_url: str, namespace: str, wait_s: float) -> Dict[str, An
     itself); `undrain` clears it."""
     import asyncio
 
-    from avatarserve.serve.control.session_store import SessionStore
+    async def drain(store) -> Dict[str, Any]:
+        t0 = time.monotonic()
+        await store.start_draining(wait_s + DRAIN_FLAG_MARGIN_S)
+        while True:
+            left = await store.open_streams()
+            if not left or time.monotonic() - t0 >= wait_s:
+                return {"open_streams_left": left, "drain_s": round(time.monotonic() - t0, 2)}
+            await asyncio.sleep(DRAIN_POLL_S)
 
-    async def run() -> Dict[str, Any]:
-        store = SessionStore.from_url(redis_url, namespace=namespace)
-        try:
-            t0 = time.monotonic()
-            await store.start_draining(wait_s + DRAIN_FLAG_MARGIN_S)
-            while True:
-                left = await store.open_streams()
-                if not left or time.monotonic() - t0 >= wait_s:
-                    return {"open_streams_left": left, "drain_s": round(time.monotonic() - t0, 2)}
-                await asyncio.sleep(DRAIN_POLL_S)
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
+    return _on_store(redis_url, namespace, drain)
 
 
 def undrain(redis_url: str, namespace: str) -> None:
     """Clear the drain flag (`up` on a Redis that a drained cluster used)."""
-    import asyncio
-
-    from avatarserve.serve.control.session_store import SessionStore
-
-    async def run() -> None:
-        store = SessionStore.from_url(redis_url, namespace=namespace)
-        try:
-            await store.stop_draining()
-        finally:
-            await store.close()
-
-    asyncio.run(run())
+    _on_store(redis_url, namespace, lambda store: store.stop_draining())
 
 
 def down(*, state_file: Path = STATE_FILE, quiet: bool = False) -> int:
@@ -427,10 +426,12 @@ def down(*, state_file: Path = STATE_FILE, quiet: bool = False) -> int:
         return 0
     stopped: List[str] = []
     drained: Optional[Dict[str, Any]] = None
+    namespace = None
     if state.ray_pgid and state.redis_url:
         try:  # open streams end with END_OF_STREAM server_draining, not with the replicas' death
             app = load_config(state.config_path)["app"]
-            drained = drain_streams(state.redis_url, app.namespace, app.timeouts.shutdown_drain_s)
+            namespace = app.namespace
+            drained = drain_streams(state.redis_url, namespace, app.timeouts.shutdown_drain_s)
         except Exception as exc:  # noqa: BLE001 - a cluster that cannot drain (Redis gone) is still stopped
             drained = {"error": f"{type(exc).__name__}: {exc}"}
     if state.tls_front_pid:
@@ -449,9 +450,9 @@ def down(*, state_file: Path = STATE_FILE, quiet: bool = False) -> int:
     if state.redis_pid:
         _kill_pid(state.redis_pid)
         stopped.append("redis-server")
-    if drained is not None and not state.redis_pid and "error" not in drained:
+    if namespace is not None and not state.redis_pid and "error" not in drained:
         try:  # an external Redis outlives this cluster: the next one must not start drained
-            undrain(state.redis_url, load_config(state.config_path)["app"].namespace)
+            undrain(state.redis_url, namespace)
         except Exception:  # noqa: BLE001 - the flag expires by itself
             pass
     state_file.unlink(missing_ok=True)
