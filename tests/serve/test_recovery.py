@@ -151,6 +151,47 @@ async def test_losses_beyond_the_budget_end_the_stream_with_the_loss(synthetic_c
         await pipe.close()
 
 
+async def test_the_budget_counts_losses_in_a_row_so_spaced_losses_never_end_the_stream(
+        synthetic_chain: ChainFactory) -> None:
+    """max_recoveries=2, and the middle hop is lost three times, with video in between: all three are recovered (an
+    endless stream must survive losses spread over its life); the count restarts at each recovery's first new
+    block. (One loss may take two reopens: when the caller's own write fails first, gRPC ends its call INTERNAL
+    before the hop's report of the lost hop is read, so the first reopen still has the dead hop in its route.)"""
+    chain = await synthetic_chain(3)
+    spares = [StageHost(_Recorder(f"spare{i}"), StageHostConfig(name=f"spare{i}", transport=TransportOptions(
+        queue_size=2, open_timeout_s=5.0))) for i in range(3)]
+    for spare in spares:
+        await spare.start()
+    route = list(chain.route)
+    try:
+        async with PipelineClient(TransportOptions(queue_size=2, open_timeout_s=5.0)) as client:
+            async def open_at(start):
+                cfg = json.dumps({} if start is None else {START_BLOCK_KEY: start}).encode()
+                return await client.open("s-spaced", route, cfg)
+
+            replacements = iter(spares)
+
+            async def reroute(err: PipelineError) -> None:
+                if err.lost_hop == route[1]:
+                    route[1] = next(replacements).address
+
+            pipe = await RecoveringPipe("s-spaced", open_at, reroute, replay_blocks=2, max_recoveries=2).open()
+            middles = iter([chain.hosts[1], *spares])
+
+            async def kill_middle(b: int) -> None:
+                if b in (4, 10, 16):
+                    await next(middles).stop(grace_s=0)
+
+            got = await _stream(pipe, 24, kill_middle)
+            await pipe.close()
+        assert got == list(range(24))
+        assert len(pipe.recoveries) >= 3 and all(r.first_block_at for r in pipe.recoveries)
+        assert route[1] == spares[2].address  # each of the three lost middles was replaced
+    finally:
+        for spare in spares:
+            await spare.stop(grace_s=0.5)
+
+
 async def test_hops_that_survive_keep_the_session_and_answer_replayed_blocks_from_their_memo() -> None:
     handlers = {n: _Recorder(n) for n in ("a", "b", "c", "d", "spare")}
     hosts = {n: StageHost(h, StageHostConfig(name=n, resume_hold_s=30.0, memo_blocks=24,

@@ -442,7 +442,9 @@ class RecoverySection(_Strict):
         description="Blocks before the first undelivered one that are replayed through the new route, per role of the "
                     "lost replica, so its replacement rebuilds its state (outputs dropped; surviving hops answer "
                     "from memory). The gateway keeps the audio of the most of these per stream.")
-    max_recoveries: int = Field(3, ge=0, description="Recoveries per stream; one more loss ends it UNAVAILABLE.")
+    max_recoveries: int = Field(
+        3, ge=0, description="Losses in a row a stream rides out (the count restarts once video comes through again "
+                             "after a recovery); one more ends it UNAVAILABLE.")
     hold_s: float = Field(
         30.0, ge=0, description="How long a stage replica keeps a session whose pipe broke (another hop was lost), "
                                 "with its last results, so the reopened pipe continues it exactly instead of "

@@ -43,6 +43,7 @@ from avatarserve.serve.dataplane.transport import (
 __all__ = ["RecoveringPipe", "Recovery"]
 
 log = logging.getLogger(__name__)
+RECOVERIES_KEPT = 32  # the latest recoveries a pipe keeps for reports (a stream may run for days)
 
 # start block (None: the stream's first open) -> an open pipe on the session's current route
 OpenPipe = Callable[[Optional[int]], Awaitable[PipelineSession]]
@@ -115,8 +116,11 @@ class RecoveringPipe:
         self._end_reason: Optional[str] = None
         self._replayer: Optional[asyncio.Task] = None
         self._closed = False
-        self.recoveries: List[Recovery] = []
-        self._attempts = 0  # reopens tried (a recovery whose reopen hits another lost hop takes more than one)
+        self.recoveries: Deque[Recovery] = deque(maxlen=RECOVERIES_KEPT)  # the latest, newest last
+        # Reopens since video last came through (a recovery whose reopen hits another lost hop takes more than one).
+        # Reset by the first new block after a recovery: an endless stream rides out any number of losses spread
+        # over its life; only losses in a row, with no video between them, use up `max_recoveries`.
+        self._attempts = 0
 
     # ----- lifecycle --------------------------------------------------------------------------------------------
     async def open(self) -> "RecoveringPipe":
@@ -245,6 +249,7 @@ class RecoveringPipe:
                 if self.recoveries and not self.recoveries[-1].first_block_at:
                     rec = self.recoveries[-1]
                     rec.first_block_at = self._clock()
+                    self._attempts = 0
                     log.warning("session %s: video again %.2f s after losing %s (pipe reopened after %.2f s; %d "
                                 "blocks replayed, %d resent)", self.session_id, rec.first_block_at - rec.started_at,
                                 rec.lost_hop, rec.reopened_at - rec.started_at, rec.replayed, rec.resent)
