@@ -98,11 +98,14 @@ class Attention(nn.Module):
     def qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self._split(self.norm_q(self.q(x))), self._split(self.norm_k(self.k(x))), self._split(self.v(x))
 
-    def cross(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def cross(self, x: torch.Tensor, context: "torch.Tensor | Sequence[torch.Tensor]") -> torch.Tensor:
+        """Attend x [B,S,C] to `context` [B,L,C], or to one context [1,L_i,C] per batch row (lengths may differ)."""
         q = self._split(self.norm_q(self.q(x)))
-        k = self._split(self.norm_k(self.k(context)))
-        v = self._split(self.v(context))
-        return self.o(_attend(q, k, v))
+        if isinstance(context, torch.Tensor):
+            return self.o(_attend(q, self._split(self.norm_k(self.k(context))), self._split(self.v(context))))
+        rows = [_attend(q[i:i + 1], self._split(self.norm_k(self.k(c))), self._split(self.v(c)))
+                for i, c in enumerate(context)]
+        return self.o(torch.cat(rows))
 
 
 @dataclass
@@ -114,6 +117,14 @@ class TokenLayout:
     frame_tokens: int
     cache: Optional[CacheContext] = None
     mask: Optional[torch.Tensor] = None  # dense attention mask for forward_masked
+
+
+@dataclass
+class BatchLayout:
+    """Several sessions' blocks in one forward: row i of the batch attends with `parts[i]` (its own KV cache and
+    RoPE positions); everything else (projections, FFN, audio injection, head) runs on the whole batch."""
+
+    parts: List[TokenLayout]
 
 
 class S2VBlock(nn.Module):
@@ -131,25 +142,33 @@ class S2VBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
 
-    def self_attention(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    def self_attention(self, x: torch.Tensor, layout: "TokenLayout | BatchLayout") -> torch.Tensor:
         attn = self.self_attn
         q, k, v = attn.qkv(x)
+        if isinstance(layout, BatchLayout):
+            return attn.o(torch.cat([self._attend_part(q[i:i + 1], k[i:i + 1], v[i:i + 1], part)
+                                     for i, part in enumerate(layout.parts)]))
+        return attn.o(self._attend_part(q, k, v, layout))
+
+    def _attend_part(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """Self-attention of the rows that share `layout` (one cache, one set of positions), before `o`."""
         rq = apply_rotary(q, layout.freqs).type_as(v)
         rk = apply_rotary(k, layout.freqs).type_as(v)
         ctx = layout.cache
         if ctx is None:  # dense masked forward (training / reference)
-            return attn.o(_attend(rq, rk, v, layout.mask))
+            return _attend(rq, rk, v, layout.mask)
         cache = ctx.cache
         if ctx.sink_prefill:
             # Sink tokens attend among themselves; the cache keeps their keys un-rotated.
             cache.write_cond(self.layer_index, k, v)
-            return attn.o(_attend(rq, rk, v))
+            return _attend(rq, rk, v)
         wk, wv = cache.window_kv(self.layer_index, ctx.block_index, rk, v, ctx.write)
         ck, cv = cache.cond(self.layer_index)
         ck = apply_rotary(ck, ctx.cond_freqs).type_as(v)
-        return attn.o(_attend(rq, torch.cat([wk, ck], dim=1), torch.cat([wv, cv], dim=1)))
+        return _attend(rq, torch.cat([wk, ck], dim=1), torch.cat([wv, cv], dim=1))
 
-    def forward(self, x: torch.Tensor, e: torch.Tensor, context: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, e: torch.Tensor, context: "torch.Tensor | Sequence[torch.Tensor]",
+                layout: "TokenLayout | BatchLayout") -> torch.Tensor:
         """x [B,S,C]; e [B,S,6,C] float32 per-token modulation (already expanded)."""
         mod = (self.modulation.float().unsqueeze(0) + e).unbind(dim=2)  # 6 x [B,S,C]
         h = self.norm1(x).float() * (1 + mod[1]) + mod[0]
@@ -294,6 +313,20 @@ class AudioTokens:
 
     local: torch.Tensor
     global_: Optional[torch.Tensor]
+
+
+@dataclass
+class BlockRequest:
+    """One session's block in a batched forward (`forward_blocks`)."""
+
+    cache: KVCache  # the session's own cache at this stage (batch 1)
+    latents: torch.Tensor  # [1, 16, F, h, w]
+    timestep: torch.Tensor  # [1] or [1, F]
+    audio: AudioTokens  # batch 1
+    text: torch.Tensor  # embed_text(context) [1, L, dim]; L may differ between requests
+    block_index: int
+    sink_index: int
+    write: bool = True
 
 
 @dataclass
@@ -536,12 +569,54 @@ class CausalS2VTransformer(nn.Module):
         `embed_text(context)` to skip that projection.
         """
         self._check_latents(latents, "block latents")
-        cache.check_block(block_index)
+        ctx = text if text is not None else self.embed_text(context)
+        return self._forward_cached(latents, timestep, audio, ctx, [(cache, block_index, sink_index, write)])
+
+    @torch.no_grad()
+    def forward_blocks(self, requests: Sequence[BlockRequest]) -> torch.Tensor:
+        """The blocks of several sessions at one denoising step in ONE forward -> velocities [N, 16, F, h, w], row i
+        for request i. Projections, FFN, audio injection and head run on the whole batch; each row's self-attention
+        reads and writes its own KV cache at its own block position. Equals `forward_block` per request up to float
+        round-off. All blocks must have one shape (same resolution)."""
+        if not requests:
+            raise ModelInputError("forward_blocks needs at least one block")
+        shapes = {tuple(r.latents.shape) for r in requests}
+        if len(shapes) != 1:
+            raise ModelInputError(f"batched blocks must share one shape, got {sorted(shapes)}")
+        if requests[0].latents.dim() != 5 or requests[0].latents.shape[0] != 1:
+            raise ModelInputError(f"each batched block must be [1, 16, F, h, w], got {tuple(requests[0].latents.shape)}")
+        if len({id(r.cache) for r in requests}) != len(requests):
+            raise ModelInputError("two blocks of one batch share a KV cache")
+        latents = torch.cat([r.latents for r in requests])
+        self._check_latents(latents, "block latents")
+        f = latents.shape[2]
+        steps = []
+        for r in requests:
+            t = r.timestep.to(self.device, torch.float32)
+            steps.append(t[:, None].expand(1, f) if t.dim() == 1 else t)
+        if any(t.shape != (1, f) for t in steps):
+            raise ModelInputError(f"each timestep must be [1] or [1, {f}], got {[tuple(r.timestep.shape) for r in requests]}")
+        glo = [r.audio.global_ for r in requests]
+        audio = AudioTokens(local=torch.cat([r.audio.local for r in requests]),
+                            global_=None if glo[0] is None else torch.cat(glo))
+        texts = [r.text for r in requests]
+        ctx = torch.cat(texts) if len({tuple(t.shape) for t in texts}) == 1 else texts
+        return self._forward_cached(latents, torch.cat(steps), audio, ctx,
+                                    [(r.cache, r.block_index, r.sink_index, r.write) for r in requests])
+
+    def _forward_cached(self, latents: torch.Tensor, timestep: torch.Tensor, audio: AudioTokens,
+                        ctx: "torch.Tensor | Sequence[torch.Tensor]",
+                        slots: Sequence[Tuple[KVCache, int, int, bool]]) -> torch.Tensor:
+        """The cached streaming forward. `slots`: (cache, block_index, sink_index, write), one for the whole batch
+        (a cache of that batch size) or one per batch row (caches of batch 1)."""
+        for cache, block_index, _, _ in slots:
+            cache.check_block(block_index)
         b, _, f, lh, lw = latents.shape
         x, grid = self._embed_noisy(latents)
         gh, gw = grid[1], grid[2]
-        if gh * gw * f != cache.block_tokens:
-            raise ModelInputError(f"block has {gh * gw * f} tokens; this cache was sized for {cache.block_tokens}")
+        for cache, _, _, _ in slots:
+            if gh * gw * f != cache.block_tokens:
+                raise ModelInputError(f"block has {gh * gw * f} tokens; this cache was sized for {cache.block_tokens}")
         t = timestep.to(self.device, torch.float32)
         if t.dim() == 1:
             t = t[:, None].expand(b, f)
@@ -551,19 +626,23 @@ class CausalS2VTransformer(nn.Module):
         frame_tokens = gh * gw
         e_tok = e.repeat_interleave(frame_tokens, dim=1)
         e0_tok = e0.repeat_interleave(frame_tokens, dim=1)
-        ctx = text if text is not None else self.embed_text(context)
-        freqs = self.rope.freqs([noisy_grid(block_index * f, f, gh, gw)], x.device)
-        cond_freqs = self.rope.freqs(self.sink_grids(lh, lw, sink_index), x.device)
-        if cond_freqs.shape[0] != cache.cond_len:
-            raise CacheError(f"sink rotary covers {cond_freqs.shape[0]} tokens, cache holds {cache.cond_len}")
-        layout = TokenLayout(freqs=freqs, noisy_tokens=x.shape[1], frame_tokens=frame_tokens,
-                             cache=CacheContext(cache=cache, block_index=block_index, write=write, cond_freqs=cond_freqs))
+        parts = []
+        for cache, block_index, sink_index, write in slots:
+            freqs = self.rope.freqs([noisy_grid(block_index * f, f, gh, gw)], x.device)
+            cond_freqs = self.rope.freqs(self.sink_grids(lh, lw, sink_index), x.device)
+            if cond_freqs.shape[0] != cache.cond_len:
+                raise CacheError(f"sink rotary covers {cond_freqs.shape[0]} tokens, cache holds {cache.cond_len}")
+            parts.append(TokenLayout(freqs=freqs, noisy_tokens=x.shape[1], frame_tokens=frame_tokens,
+                                     cache=CacheContext(cache=cache, block_index=block_index, write=write,
+                                                        cond_freqs=cond_freqs)))
+        layout = parts[0] if len(parts) == 1 else BatchLayout(parts)
         n = x.shape[1]
         for i, block in enumerate(self.blocks):
             x = block(x, e0_tok, ctx, layout)
             x = self._inject_audio(i, x, audio, n, f)
-        if write:
-            cache.mark_block_written(block_index)
+        for cache, block_index, _, write in slots:
+            if write:
+                cache.mark_block_written(block_index)
         out = self.head(x, e_tok)
         return self._unpatchify(out, grid)
 
