@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field, replace
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from ..model.config import StreamConfig
-from ..model.kv_cache import KVCache
+from ..model.kv_cache import CacheError, KVCache
 from ..model.sampler import FlowMatchSchedule
-from ..model.transformer import CausalS2VTransformer, ModelInputError, SinkInputs
-from .errors import BlockOrderError, InvalidInput, SessionExists, SessionNotFound
+from ..model.transformer import BlockRequest, CausalS2VTransformer, ModelInputError, SinkInputs
+from .errors import BlockOrderError, EngineError, InvalidInput, SessionExists, SessionNotFound
 from .idle import is_idle
 from .sink import SinkState, block_noise, prepare_sink
 
@@ -230,6 +230,43 @@ class StageRunner:
 
     @torch.no_grad()
     def step(self, payload: BlockPayload) -> BlockPayload:
+        result = self.step_many([payload])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    @torch.no_grad()
+    def step_many(self, payloads: Sequence[BlockPayload]) -> List[Union[BlockPayload, Exception]]:
+        """This step for the blocks of several sessions (at most one block each) in ONE forward; result i is
+        payload i's block after the step, or the engine error that refused it (the others go on without it)."""
+        if len({p.session_id for p in payloads}) != len(payloads):
+            raise InvalidInput(f"stage {self.step_index}: one batch holds two blocks of one session")
+        results: List[Union[BlockPayload, Exception]] = list(payloads)
+        ready = []  # (index, session, payload, request)
+        for i, payload in enumerate(payloads):
+            try:
+                sess, request = self._prepare(payload)
+            except (EngineError, CacheError) as exc:
+                results[i] = exc if isinstance(exc, EngineError) else InvalidInput(str(exc))
+                continue
+            ready.append((i, sess, payload, request))
+        if not ready:
+            return results
+        model = self.model
+        if len(ready) == 1:
+            r = ready[0][3]
+            v = model.forward_block(r.cache, r.latents, r.timestep, r.audio, None, r.block_index, r.sink_index,
+                                    text=r.text)
+        else:
+            v = model.forward_blocks([r for _, _, _, r in ready])
+        for row, (i, sess, payload, request) in enumerate(ready):
+            x_next = self.schedule.step(self.step_index, request.latents, v[row:row + 1])
+            sess.next_block = payload.block_index + 1
+            results[i] = replace(payload, latents=x_next.detach().to("cpu"), steps_done=self.step_index + 1)
+        return results
+
+    def _prepare(self, payload: BlockPayload):
+        """Check one block against its session and build its forward request (re-prefilling the sink if needed)."""
         sess: _StageSession = self.sessions.get(payload.session_id)
         b = payload.block_index
         if b != sess.next_block:
@@ -254,11 +291,8 @@ class StageRunner:
         except ModelInputError as exc:
             raise InvalidInput(str(exc)) from exc
         t = torch.full((1,), self.schedule.timestep(self.step_index), device=model.device)
-        v = model.forward_block(sess.cache, x, t, audio, sess.sink.text.to(model.device), b,
-                                sess.sink.sink_index(b, self.step_index, self.stream), text=sess.text)
-        x_next = self.schedule.step(self.step_index, x, v)
-        sess.next_block = b + 1
-        return replace(payload, latents=x_next.detach().to("cpu"), steps_done=self.step_index + 1)
+        return sess, BlockRequest(cache=sess.cache, latents=x, timestep=t, audio=audio, text=sess.text,
+                                  block_index=b, sink_index=sess.sink.sink_index(b, self.step_index, self.stream))
 
     def close(self, session_id: str) -> None:
         self.sessions.pop(session_id)

@@ -1,0 +1,280 @@
+"""Deadline scheduling and cross-session batching for one stage (no Ray, no gRPC: the serving layer and local
+benchmarks drive the same object).
+
+A stage replica runs its model on one compute thread. `StageScheduler` owns that thread:
+
+- **Blocks** are submitted with their session and deadline (the wall time by which the block must leave the last
+  stage to stay real time). The thread runs earliest-deadline-first, and puts the ready blocks of *other* sessions
+  into the same call of `batch_fn` (one forward), up to `max_batch`, in deadline order. A session's blocks always
+  run one at a time, in the order submitted (block b+1 reads the KV cache block b wrote).
+- **Calls** (`call(fn, ...)`: session creation, sink prefill, close) run on the same thread before any block, so
+  model state is only ever touched from that thread.
+- **Cost**: the time of every batch is recorded per batch size (`StepCosts`); `realtime_capacity()` is how many
+  sessions this stage can serve in real time from those measurements (a forward of n sessions must fit in one
+  block's duration, with `utilization` headroom).
+- **Deadlines**: each finished block's slack (deadline minus finish time) and every miss are counted, and reported
+  to `on_batch` for metrics.
+
+`batch_fn(works) -> results` gets the submitted works in batch order and returns one result per work: a value, or
+an Exception instance, which fails that block alone. An exception raised by `batch_fn` itself fails the whole batch.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import heapq
+import itertools
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
+
+__all__ = ["BatchReport", "SchedulerClosed", "StageScheduler", "StepCosts"]
+
+
+class SchedulerClosed(RuntimeError):
+    """The scheduler was closed: the work will never run."""
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """What one batch did: for metrics (`on_batch`)."""
+
+    size: int
+    seconds: float
+    slacks_s: Sequence[float]  # deadline minus finish time, per block (negative: missed)
+
+    @property
+    def misses(self) -> int:
+        return sum(1 for s in self.slacks_s if s < 0)
+
+
+class StepCosts:
+    """Measured seconds per batch, per batch size (exponentially weighted); thread-safe."""
+
+    def __init__(self, alpha: float = 0.2) -> None:
+        if not 0 < alpha <= 1:
+            raise ValueError("alpha must be in (0, 1]")
+        self.alpha = alpha
+        self._s: Dict[int, float] = {}
+        self._n: Dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def record(self, batch: int, seconds: float) -> None:
+        if batch < 1 or not math.isfinite(seconds) or seconds < 0:
+            return
+        with self._lock:
+            old = self._s.get(batch)
+            self._s[batch] = seconds if old is None else old + self.alpha * (seconds - old)
+            self._n[batch] = self._n.get(batch, 0) + 1
+
+    def seconds(self, batch: int) -> Optional[float]:
+        """Estimated seconds of a batch of `batch` blocks: measured, else interpolated / extrapolated linearly
+        from the nearest measured sizes (per-block cost of the largest one beyond it); None before any."""
+        with self._lock:
+            known = dict(self._s)
+        if not known:
+            return None
+        if batch in known:
+            return known[batch]
+        sizes = sorted(known)
+        below = [n for n in sizes if n < batch]
+        above = [n for n in sizes if n > batch]
+        if below and above:
+            lo, hi = below[-1], above[0]
+            return known[lo] + (known[hi] - known[lo]) * (batch - lo) / (hi - lo)
+        if below:  # beyond the largest measured: its per-block cost (batching gains no more)
+            lo = below[-1]
+            return known[lo] * batch / lo
+        return known[above[0]] * batch / above[0]  # below the smallest measured: no better than its per-block cost
+
+    def snapshot(self) -> Dict[int, Dict[str, float]]:
+        with self._lock:
+            return {n: {"seconds": round(s, 6), "count": self._n[n]} for n, s in sorted(self._s.items())}
+
+
+@dataclass(order=True)
+class _Entry:
+    deadline: float
+    seq: int
+
+
+@dataclass
+class _Work:
+    session_id: str
+    work: Any
+    deadline: float
+    future: concurrent.futures.Future
+
+
+class StageScheduler:
+    """EDF + batching on one compute thread (see the module docstring)."""
+
+    def __init__(self, batch_fn: Callable[[List[Any]], Sequence[Any]], *, max_batch: int = 1,
+                 block_seconds: float, utilization: float = 0.9, name: str = "stage",
+                 on_batch: Optional[Callable[[BatchReport], None]] = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        if block_seconds <= 0 or not 0 < utilization <= 1:
+            raise ValueError("block_seconds must be > 0 and utilization in (0, 1]")
+        self.batch_fn = batch_fn
+        self.max_batch = max_batch
+        self.block_seconds = block_seconds
+        self.utilization = utilization
+        self.name = name
+        self.on_batch = on_batch
+        self.clock = clock  # wall clock (deadlines are unix seconds: they cross processes)
+        self.costs = StepCosts()
+        self.deadline_misses = 0
+        self.blocks_done = 0
+        self._queues: Dict[str, Deque[_Work]] = {}  # per session, in submission order
+        self._heap: List[tuple] = []  # (deadline, seq, session) of each session's head
+        self._calls: Deque[tuple] = deque()
+        self._seq = itertools.count()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"{name}-compute", daemon=True)
+        self._thread.start()
+
+    # ----- submitting -------------------------------------------------------------------------------------------
+    def submit(self, session_id: str, work: Any, deadline: float) -> concurrent.futures.Future:
+        """Queue one block of `session_id` due at `deadline` (unix seconds); the future gets its result."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cv:
+            if self._closed:
+                raise SchedulerClosed(f"{self.name}: scheduler closed")
+            q = self._queues.get(session_id)
+            item = _Work(session_id, work, float(deadline), fut)
+            if q is None:
+                self._queues[session_id] = deque([item])
+                heapq.heappush(self._heap, (item.deadline, next(self._seq), session_id))
+            else:
+                q.append(item)
+            self._cv.notify()
+        return fut
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+        """Run `fn(*args)` on the compute thread before any queued block (session setup and teardown)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cv:
+            if self._closed:
+                raise SchedulerClosed(f"{self.name}: scheduler closed")
+            self._calls.append((fn, args, fut))
+            self._cv.notify()
+        return fut
+
+    def queued(self) -> int:
+        with self._cv:
+            return sum(len(q) for q in self._queues.values())
+
+    # ----- capacity ---------------------------------------------------------------------------------------------
+    def realtime_capacity(self, cap: Optional[int] = None) -> Optional[int]:
+        """Sessions this stage can serve in real time: the largest n (up to `cap`, else `max_batch` x the number of
+        forwards that fit a block) whose measured cost per block period fits `utilization` x block_seconds. A
+        session gets one block per block period; n sessions take ceil(n / max_batch) forwards of up to max_batch.
+        None before anything was measured."""
+        if self.costs.seconds(1) is None:
+            return None
+        budget = self.utilization * self.block_seconds
+        limit = cap if cap is not None else 4096
+        best = 0
+        for n in range(1, limit + 1):
+            full, rest = divmod(n, self.max_batch)
+            cost = full * self.costs.seconds(self.max_batch) + (self.costs.seconds(rest) if rest else 0.0)
+            if cost > budget:
+                break
+            best = n
+        return best
+
+    # ----- lifecycle --------------------------------------------------------------------------------------------
+    def close(self, timeout_s: Optional[float] = None) -> None:
+        """Stop the thread; queued blocks and calls fail with SchedulerClosed (the one running finishes)."""
+        with self._cv:
+            if self._closed:
+                return
+            self._closed = True
+            pending = [w for q in self._queues.values() for w in q]
+            calls = list(self._calls)
+            self._queues.clear()
+            self._heap.clear()
+            self._calls.clear()
+            self._cv.notify_all()
+        for w in pending:
+            w.future.set_exception(SchedulerClosed(f"{self.name}: scheduler closed"))
+        for _, _, fut in calls:
+            fut.set_exception(SchedulerClosed(f"{self.name}: scheduler closed"))
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout_s)
+
+    # ----- the compute thread -----------------------------------------------------------------------------------
+    def _take(self) -> tuple:
+        """-> ("call", (fn, args, fut)) or ("batch", [works]); None once closed. Holds the lock."""
+        while True:
+            if self._closed:
+                return None
+            if self._calls:
+                return "call", self._calls.popleft()
+            if self._heap:
+                batch = []
+                while self._heap and len(batch) < self.max_batch:
+                    _, _, sid = heapq.heappop(self._heap)
+                    q = self._queues[sid]
+                    batch.append(q.popleft())
+                # Sessions with more queued blocks go back on the heap with their next block's deadline; a session
+                # never has two blocks in one batch.
+                for w in batch:
+                    q = self._queues[w.session_id]
+                    if q:
+                        heapq.heappush(self._heap, (q[0].deadline, next(self._seq), w.session_id))
+                    else:
+                        del self._queues[w.session_id]
+                return "batch", batch
+            self._cv.wait()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                taken = self._take()
+            if taken is None:
+                return
+            kind, what = taken
+            if kind == "call":
+                fn, args, fut = what
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn(*args))
+                    except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                        fut.set_exception(exc)
+                continue
+            self._run_batch(what)
+
+    def _run_batch(self, batch: List[_Work]) -> None:
+        live = [w for w in batch if w.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        t0 = time.perf_counter()
+        try:
+            results = list(self.batch_fn([w.work for w in live]))
+            if len(results) != len(live):
+                raise RuntimeError(f"{self.name}: batch_fn returned {len(results)} results for {len(live)} blocks")
+        except BaseException as exc:  # noqa: BLE001 - every block of the batch gets it
+            results = [exc] * len(live)
+        seconds = time.perf_counter() - t0
+        self.costs.record(len(live), seconds)
+        finished = self.clock()
+        slacks = [w.deadline - finished for w in live]
+        self.blocks_done += len(live)
+        self.deadline_misses += sum(1 for s in slacks if s < 0)
+        for w, r in zip(live, results):
+            if isinstance(r, BaseException):
+                w.future.set_exception(r)
+            else:
+                w.future.set_result(r)
+        if self.on_batch is not None:
+            try:
+                self.on_batch(BatchReport(size=len(live), seconds=seconds, slacks_s=slacks))
+            except Exception:  # noqa: BLE001 - metrics never stop the stage
+                pass

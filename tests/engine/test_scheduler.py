@@ -1,0 +1,178 @@
+"""`StageScheduler`: earliest deadline first, batches of different sessions, one block per session per batch and in
+order, calls first and on the same thread, failures per block, deadline accounting, capacity from measured cost.
+Every test holds the compute thread on an event while it queues work, so the order is decided by the scheduler
+alone (no sleeps)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from avatarserve.engine.scheduler import SchedulerClosed, StageScheduler, StepCosts
+
+WAIT_S = 60.0  # a bound for a future that must complete (work here takes microseconds)
+
+
+class _Recorder:
+    def __init__(self, fail=()):
+        self.batches = []
+        self.threads = set()
+        self.fail = set(fail)
+
+    def __call__(self, works):
+        self.batches.append(list(works))
+        self.threads.add(threading.get_ident())
+        return [ValueError(f"bad {w}") if w in self.fail else f"done {w}" for w in works]
+
+
+def _held(sched: StageScheduler) -> threading.Event:
+    """Occupy the compute thread until the returned event is set."""
+    release, running = threading.Event(), threading.Event()
+
+    def hold():
+        running.set()
+        release.wait(WAIT_S)
+
+    sched.call(hold)
+    assert running.wait(WAIT_S)
+    return release
+
+
+def _scheduler(fn, **kw) -> StageScheduler:
+    kw.setdefault("block_seconds", 0.48)
+    return StageScheduler(fn, **kw)
+
+
+def test_earliest_deadline_first_across_sessions():
+    rec = _Recorder()
+    sched = _scheduler(rec, max_batch=1)
+    try:
+        release = _held(sched)
+        futs = [sched.submit("a", "a0", 30.0), sched.submit("b", "b0", 10.0), sched.submit("c", "c0", 20.0)]
+        release.set()
+        assert [f.result(WAIT_S) for f in futs] == ["done a0", "done b0", "done c0"]
+        assert rec.batches == [["b0"], ["c0"], ["a0"]]
+    finally:
+        sched.close()
+
+
+def test_batches_take_the_earliest_heads_of_different_sessions_and_keep_each_session_in_order():
+    rec = _Recorder()
+    sched = _scheduler(rec, max_batch=2)
+    try:
+        release = _held(sched)
+        futs = [sched.submit("a", "a0", 1.0), sched.submit("a", "a1", 2.0), sched.submit("b", "b0", 3.0),
+                sched.submit("c", "c0", 4.0), sched.submit("a", "a2", 5.0)]
+        release.set()
+        for f in futs:
+            f.result(WAIT_S)
+        # a1 waits for a0's batch (it reads the cache a0 writes), then goes with c0; a2 after a1
+        assert rec.batches == [["a0", "b0"], ["a1", "c0"], ["a2"]]
+    finally:
+        sched.close()
+
+
+def test_calls_run_first_and_on_the_compute_thread():
+    rec = _Recorder()
+    sched = _scheduler(rec, max_batch=4)
+    order = []
+    try:
+        release = _held(sched)
+        block = sched.submit("a", "a0", 0.0)
+        call = sched.call(lambda: order.append(("call", threading.get_ident())) or "called")
+        release.set()
+        assert call.result(WAIT_S) == "called" and block.result(WAIT_S) == "done a0"
+        assert rec.threads == {order[0][1]}  # one compute thread for calls and batches
+        assert rec.batches == [["a0"]]
+    finally:
+        sched.close()
+
+
+def test_a_refused_block_fails_alone_and_a_failing_batch_fails_every_block_but_not_the_scheduler():
+    rec = _Recorder(fail={"b0"})
+    sched = _scheduler(rec, max_batch=4)
+    try:
+        release = _held(sched)
+        a, b = sched.submit("a", "a0", 1.0), sched.submit("b", "b0", 2.0)
+        release.set()
+        assert a.result(WAIT_S) == "done a0"
+        with pytest.raises(ValueError, match="bad b0"):
+            b.result(WAIT_S)
+    finally:
+        sched.close()
+
+    def explode(works):
+        raise RuntimeError("out of memory")
+
+    sched = _scheduler(explode, max_batch=4)
+    try:
+        release = _held(sched)
+        futs = [sched.submit("a", "a0", 1.0), sched.submit("b", "b0", 2.0)]
+        release.set()
+        for f in futs:
+            with pytest.raises(RuntimeError, match="out of memory"):
+                f.result(WAIT_S)
+        sched.batch_fn = _Recorder()
+        assert sched.submit("a", "a1", 3.0).result(WAIT_S) == "done a1"
+    finally:
+        sched.close()
+
+
+def test_deadline_slack_and_misses_are_counted_and_reported():
+    reports = []
+    sched = _scheduler(_Recorder(), max_batch=2, clock=lambda: 100.0, on_batch=reports.append)
+    try:
+        release = _held(sched)
+        futs = [sched.submit("a", "a0", 99.0), sched.submit("b", "b0", 101.5)]
+        release.set()
+        for f in futs:
+            f.result(WAIT_S)
+        assert sched.deadline_misses == 1 and sched.blocks_done == 2
+        assert len(reports) == 1 and reports[0].size == 2 and reports[0].misses == 1
+        assert sorted(reports[0].slacks_s) == [-1.0, 1.5]
+    finally:
+        sched.close()
+
+
+def test_close_fails_queued_work_and_refuses_more():
+    sched = _scheduler(_Recorder(), max_batch=1)
+    release = _held(sched)
+    queued = sched.submit("a", "a0", 1.0)
+    call = sched.call(lambda: None)
+    closer = threading.Thread(target=sched.close)
+    closer.start()
+    release.set()
+    closer.join(WAIT_S)
+    for fut in (queued, call):
+        with pytest.raises(SchedulerClosed):
+            fut.result(WAIT_S)
+    with pytest.raises(SchedulerClosed):
+        sched.submit("a", "a1", 2.0)
+
+
+def test_step_costs_interpolate_and_extrapolate_per_block():
+    costs = StepCosts(alpha=1.0)
+    assert costs.seconds(1) is None
+    costs.record(1, 0.10)
+    costs.record(4, 0.22)
+    assert costs.seconds(1) == pytest.approx(0.10)
+    assert costs.seconds(2) == pytest.approx(0.14)  # between 1 and 4
+    assert costs.seconds(8) == pytest.approx(0.44)  # beyond 4: 4's per-block cost
+    costs.record(1, 0.20)  # alpha 1: the latest measurement
+    assert costs.seconds(1) == pytest.approx(0.20)
+    assert costs.snapshot()[1]["count"] == 2
+
+
+@pytest.mark.parametrize("max_batch, expected", [(1, 4), (2, 6)])
+def test_realtime_capacity_from_measured_cost(max_batch, expected):
+    sched = _scheduler(_Recorder(), max_batch=max_batch, utilization=1.0)
+    try:
+        assert sched.realtime_capacity() is None  # nothing measured yet
+        sched.costs.record(1, 0.10)
+        sched.costs.record(2, 0.15)
+        # unbatched: n x 0.10 <= 0.48 -> 4; batches of 2: 0.15 per pair (+0.10 for an odd one) -> 6 (0.45 s)
+        assert sched.realtime_capacity() == expected
+        assert sched.realtime_capacity(cap=3) == 3
+    finally:
+        sched.close()
