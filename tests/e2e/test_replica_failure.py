@@ -56,7 +56,8 @@ def faults_app(serve_instance, redis_server):
            "resources": {"audio": {"num_cpus": 0.05}, "denoise": {"num_cpus": 0.05}, "vae": {"num_cpus": 0.05}},
            "autoscaling": {"enabled": False}, "ops": {"enabled": False},
            "recovery": {"replay_blocks": {"audio": 16, "denoise": 16, "vae": 16}},
-           "timeouts": {"session_drain_s": 30}}
+           "timeouts": {"session_drain_s": 30},
+           "scheduling": {"max_batch": 1}}  # the second session is compared bit for bit (no batched forwards)
     serve.run(build_app(cfg), name=APP, route_prefix="/faults", blocking=False)
     try:
         wait_running([APP], redis_server.url, NS)

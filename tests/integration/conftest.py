@@ -41,6 +41,9 @@ def cluster(serve_instance, redis_server):
     cfg = {"redis_url": redis_server.url, "namespace": "itest:", "registry_namespace": "itest:",
            "model": {"config": "tiny", "seed": 0},
            "auth": {"mode": "disabled"},  # not about API keys (tests/integration/test_auth.py deploys its own app)
+           # One block per forward: concurrent sessions here are compared with the sequential pipeline bit for bit
+           # (batched forwards equal it up to float round-off: tests/integration/test_batching.py).
+           "scheduling": {"max_batch": 1},
            # Teardown (serve.delete) waits for the stage replicas: a short drain keeps it within Serve's wait.
            "timeouts": {"session_drain_s": 30,
                         # sessions past their idle timeout close within a second (test_contract.py)

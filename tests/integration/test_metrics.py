@@ -127,6 +127,18 @@ def _query(prom: str, expr: str) -> list:
     return body["data"]["result"]
 
 
+def _wait_for_series(prom: str, names, limit_s: float = 120.0) -> None:
+    """Until Prometheus holds a sample of each of this app's series `names` (bounded: the agent exports every second
+    and Prometheus scrapes every second; a busy machine delays both)."""
+    deadline = time.monotonic() + limit_s
+    missing = list(names)
+    while missing and time.monotonic() < deadline:
+        missing = [n for n in missing if not _query(prom, f"{n}{{{ONLY}}}")]
+        if missing:
+            time.sleep(0.5)
+    assert not missing, f"series never reached Prometheus: {missing}"
+
+
 @pytest.fixture(scope="module")
 def traffic(metrics_app, prometheus):
     report: dict = {}
@@ -177,6 +189,11 @@ def traffic(metrics_app, prometheus):
         rt.join(120)
         assert not rt.is_alive() and not errors, errors
         s2.close()
+        # A histogram's series appears with its first observation, and rate() sees only increases after Prometheus
+        # first scraped it: the second interrupted stream's TTFF and interrupt-to-idle must come after that, or the
+        # Grafana panels that rate them have nothing (seen when the first observations landed in one scrape).
+        _wait_for_series(prometheus, ("ray_avatarserve_time_to_first_frame_seconds_count",
+                                      "ray_avatarserve_interrupt_to_idle_seconds_count"))
         interrupted_stream("second")
         # A session admitted later, whose stream ends with INVALID_ARGUMENT on a malformed audio chunk (straight to
         # the server: the SDK would refuse it).
@@ -261,11 +278,12 @@ def test_exposition_passes_promtool(traffic, ray_cluster):
     families = set(re.findall(r"^# TYPE (\S+) (\S+)", exposition, re.M))
     assert all(EXPORTED_NAMES[name].kind == kind for name, kind in families), families
     # Everything this traffic exercises is exported (counters of events it does not cause exist only once they occur:
-    # sessions cut by a scale-down, reroutes, recoveries from a lost replica, failed stage steps).
+    # sessions cut by a scale-down, reroutes, recoveries from a lost replica, failed stage steps, missed deadlines).
     missing = set(EXPORTED_NAMES) - {n for n, _ in families} - {"ray_avatarserve_replica_sessions_cut_total",
                                                                   "ray_avatarserve_session_reroutes_total",
                                                                   "ray_avatarserve_session_recoveries_total",
-                                                                  "ray_avatarserve_stage_errors_total"}
+                                                                  "ray_avatarserve_stage_errors_total",
+                                                                  "ray_avatarserve_stage_deadline_misses_total"}
     assert not missing, missing
 
 

@@ -66,11 +66,12 @@ def stage_specs(app: AppConfig) -> List[Tuple[str, StageSpec]]:
     """(role, spec) of every stage deployment, in route order."""
     base = {"redis_url": app.redis_url, "namespace": app.namespace, "session_ttl_s": app.timeouts.session_ttl_s,
             "redis": app.timeouts.redis.model_dump(),
-            "torch_threads": app.torch_threads}
+            "torch_threads": app.torch_threads, "utilization": app.scheduling.utilization}
     out = []
     for dep in app.stage_deployments:
         role = app.role_of(dep)
-        config: Dict[str, Any] = {**base, "model": app.model.for_role(role).model_dump(), "name": dep}
+        config: Dict[str, Any] = {**base, "model": app.model.for_role(role).model_dump(), "name": dep,
+                                  "max_batch": app.scheduling.max_batch if role == "denoise" else 1}
         if role == "denoise":
             config.update(step=int(dep[len("DenoiseStage"):]), aas_wait_s=app.timeouts.for_deployment(dep).aas_wait_s)
         resources = getattr(app.resources, role)

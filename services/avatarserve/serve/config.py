@@ -374,6 +374,18 @@ class Capacity(_Strict):
     vae: int = Field(8, ge=1)
 
 
+class SchedulingSection(_Strict):
+    """How a stage replica orders and batches its sessions' blocks (engine/scheduler.py): earliest deadline first (a
+    block's deadline is the end of its audio span plus `late_after_s`, on the wall clock), one compute thread."""
+
+    max_batch: int = Field(4, ge=1, description="Most blocks of different sessions a denoise stage runs in one "
+                                                "forward (1: one block per forward). Batched blocks equal blocks run "
+                                                "one by one up to float round-off (not bit for bit).")
+    utilization: float = Field(0.9, gt=0, le=1, description="Share of a block's duration a stage may spend "
+                                                            "computing when it estimates the real-time sessions it "
+                                                            "can take (metric avatarserve_replica_realtime_capacity).")
+
+
 class RoleCounts(_Strict):
     audio: Optional[int] = Field(None, ge=0)
     denoise: Optional[int] = Field(None, ge=0)
@@ -607,6 +619,7 @@ class AppConfig(_Strict):
     resources: Resources = Field(default_factory=Resources)
     replicas: Replicas = Field(default_factory=Replicas)
     capacity: Capacity = Field(default_factory=Capacity)
+    scheduling: SchedulingSection = Field(default_factory=SchedulingSection)
     queue_size: int = Field(2, ge=1, description="Blocks queued per hop per session (back-pressure depth).")
     max_in_flight: Optional[int] = Field(None, ge=1, description="Blocks a session has in the pipeline at once; "
                                                                  "default: stages + 2 (keeps TPP full).")

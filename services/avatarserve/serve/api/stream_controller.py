@@ -48,7 +48,7 @@ from avatarserve_client.v1 import avatar_service_pb2 as pb
 
 from avatarserve.engine.idle import is_idle as is_idle_rms
 from avatarserve.serve.api.errors import ApiError, from_pipeline_error
-from avatarserve.serve.dataplane.transport import BlockItem, ControlItem, PipelineError
+from avatarserve.serve.dataplane.transport import DEADLINE_KEY, BlockItem, ControlItem, PipelineError
 
 # Shortest sleep of the feeder: a deadline reached within the clock's rounding still sleeps, never spins.
 _MIN_SLEEP_S = 1e-3
@@ -527,8 +527,12 @@ class StreamController:
             self.first_sent_at = self.clock()
         self.next_block += 1
         self.clock_pos += spb
+        # Its deadline for the stages (unix ms: they run in other processes): the end of its audio span on the
+        # stream's wall clock plus the lag after which a frame counts as late.
+        audio_end_s = self.anchor + (self.clock_pos / self.s.sample_rate)  # clock_pos is this block's end now
+        deadline_ms = round((time.time() + audio_end_s - self.clock() + self.s.behind_realtime_s) * 1000)
         await self.pipe.send(BlockItem(block_index=b, pts_ms=pts, tensors={"pcm": pcm.astype(np.float32)},
-                                       metadata={"idle": "1" if is_idle else "0"}))
+                                       metadata={"idle": "1" if is_idle else "0", DEADLINE_KEY: str(deadline_ms)}))
 
     async def _take_block(self, pad: bool) -> None:
         spb = self.s.samples_per_block

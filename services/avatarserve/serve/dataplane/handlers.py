@@ -1,8 +1,11 @@
 """Stage handlers: the engine runners behind the gRPC data plane (one per deployment kind).
 
 A handler adapts wire items to engine payloads and back; it never redoes model math. Model work runs on a
-one-thread executor per replica (a stage's accelerator does one forward at a time, and torch kernels are not
-re-entrant friendly), while the data-plane event loop keeps moving other sessions' messages.
+one compute thread per replica (a stage's accelerator does one forward at a time, and torch kernels are not
+re-entrant friendly), while the data-plane event loop keeps moving other sessions' messages. That thread belongs to
+the replica's `StageScheduler` (engine/scheduler.py): blocks run earliest deadline first (the gateway stamps each
+block's deadline, `DEADLINE_KEY`), a denoise stage runs the ready blocks of up to `scheduling.max_batch` sessions in
+one forward, and session setup and teardown run ahead of blocks.
 
 Items on the wire, per block:
   gateway -> AudioEncoder   tensors {pcm: float32 [samples_per_block]}, metadata {idle}
@@ -16,10 +19,11 @@ Session options (output formats, JPEG quality) arrive once, as JSON in the Open 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
 import logging
-from typing import Any, Dict, List, Mapping, Optional
+import math
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -29,12 +33,13 @@ from avatarserve.engine.bundle import ModelBundle, build_bundle
 from avatarserve.engine.errors import BlockOrderError, EngineError, InvalidInput, SessionExists, SessionNotFound
 from avatarserve.model.text_encoder import PromptError
 from avatarserve.engine.runners import AudioEncoderRunner, BlockPayload, DecoderRunner, StageRunner, adaptive_sink_latent
+from avatarserve.engine.scheduler import BatchReport, StageScheduler
 from avatarserve.serve.config import ModelSection, RedisTimeouts, format_validation_error, resolve_redis_url
 from avatarserve.serve.control.redis_client import RedisOutage, RedisUnavailableError
 from avatarserve.serve.dataplane.media import encode_h264_block, encode_jpeg_frames
 from avatarserve.serve.control.session_store import SessionStore, StoreError, sink_to_bytes
-from avatarserve.serve.dataplane.transport import (REPLAY_KEY, START_BLOCK_KEY, BlockItem, ControlBoard, ControlItem,
-                                                  ErrorCode, StageError)
+from avatarserve.serve.dataplane.transport import (DEADLINE_KEY, REPLAY_KEY, START_BLOCK_KEY, BlockItem, ControlBoard,
+                                                  ControlItem, ErrorCode, StageError)
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +86,8 @@ class EngineHandlerConfig(BaseModel):
     session_ttl_s: float = Field(gt=0)
     redis: RedisTimeouts  # timeouts.redis: the store's client, outages
     torch_threads: int = Field(ge=1)
+    max_batch: int = Field(ge=1, description="scheduling.max_batch for denoise stages, 1 for the others.")
+    utilization: float = Field(gt=0, le=1, description="scheduling.utilization.")
     step: Optional[int] = Field(None, ge=0, description="Denoise stages only: the denoising step it runs.")
     aas_wait_s: Optional[float] = Field(None, gt=0, description="Denoise stages only: timeouts.aas_wait_s.")
 
@@ -110,7 +117,10 @@ class _EngineHandler:
         self.stream = self.bundle.stream
         self.name = self.config.name
         torch.set_num_threads(self.config.torch_threads)
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-compute")
+        self._metrics: Any = None
+        self.scheduler = StageScheduler(self._batch, max_batch=self.config.max_batch,
+                                        block_seconds=self.stream.block_seconds, utilization=self.config.utilization,
+                                        name=self.name, on_batch=self._on_batch)
         self._store: Optional[SessionStore] = None
         self.session_options: Dict[str, dict] = {}
 
@@ -123,10 +133,48 @@ class _EngineHandler:
         return self._store
 
     async def _run(self, fn, *args):
+        """`fn(*args)` on the compute thread, ahead of queued blocks (session setup and teardown)."""
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            return await asyncio.wrap_future(self.scheduler.call(fn, *args))
         except (EngineError, PromptError) as exc:
             raise _stage_error(exc) from exc
+
+    async def _block(self, session_id: str, item: BlockItem, work: Any):
+        """One block's work on the compute thread, earliest deadline first (`_batch` runs it)."""
+        try:
+            return await asyncio.wrap_future(self.scheduler.submit(session_id, work, block_deadline(item)))
+        except (EngineError, PromptError) as exc:
+            raise _stage_error(exc) from exc
+
+    def _batch(self, works: List[Any]) -> List[Any]:
+        """Blocks of different sessions taken together: here one after the other (`(fn, args)` each); a denoise
+        stage runs them in one forward."""
+        out: List[Any] = []
+        for fn, args in works:
+            try:
+                out.append(fn(*args))
+            except Exception as exc:  # noqa: BLE001 - that block's own failure
+                out.append(exc)
+        return out
+
+    def attach_metrics(self, metrics: Any) -> None:
+        self._metrics = metrics
+
+    def _on_batch(self, report: BatchReport) -> None:
+        m = self._metrics
+        if m is None:
+            return
+        m.observe("avatarserve_stage_batch_size", report.size)
+        m.inc("avatarserve_stage_deadline_misses", report.misses)
+        for slack in report.slacks_s:
+            m.observe("avatarserve_stage_deadline_slack_seconds", slack)
+
+    def realtime_capacity(self) -> Optional[int]:
+        """Real-time sessions this replica can serve by its measured step cost (None before its first block)."""
+        return self.scheduler.realtime_capacity()
+
+    def shutdown(self) -> None:
+        self.scheduler.close()
 
     async def _sink(self, session_id: str):
         try:
@@ -182,7 +230,7 @@ class AudioEncoderHandler(_EngineHandler):
         if pcm.dtype != np.float32 or pcm.ndim != 1 or pcm.size != self.stream.samples_per_block:
             raise InvalidItem(f"block {item.block_index}: pcm must be float32 [{self.stream.samples_per_block}], "
                               f"got {pcm.dtype} {list(pcm.shape)}")
-        payload = await self._run(self._encode, session_id, np.array(pcm))
+        payload = await self._block(session_id, item, (self._encode, (session_id, np.array(pcm))))
         if payload is None or payload.block_index != item.block_index:
             raise InvalidItem(f"audio encoder out of step at block {item.block_index}")
         return [BlockItem(block_index=item.block_index, pts_ms=item.pts_ms, metadata=dict(item.metadata),
@@ -214,6 +262,9 @@ class DenoiseStageHandler(_EngineHandler):
     async def on_control(self, session_id: str, item: ControlItem) -> None:
         self.board.publish(session_id, item)
 
+    def _batch(self, works: List[Any]) -> Sequence[Any]:
+        return self.runner.step_many(works)  # the blocks of different sessions in one forward
+
     async def process(self, session_id: str, item: BlockItem) -> list:
         b = item.block_index
         if self.runner.needs_aas(session_id, b):
@@ -227,7 +278,7 @@ class DenoiseStageHandler(_EngineHandler):
         latents = item.tensor("latents").torch().clone() if "latents" in item.tensors else None
         payload = BlockPayload(session_id=session_id, block_index=b, pts_ms=item.pts_ms, audio=audio,
                                latents=latents, steps_done=self.step)
-        out = await self._run(self.runner.step, payload)
+        out = await self._block(session_id, item, payload)
         items: List[Any] = [BlockItem(block_index=b, pts_ms=item.pts_ms, metadata=dict(item.metadata),
                                       tensors={"audio": audio, "latents": out.latents})]
         aas = adaptive_sink_latent(self.stream, out) if self.runner.is_last else None
@@ -337,11 +388,23 @@ class VaeDecoderHandler(_EngineHandler):
     async def process(self, session_id: str, item: BlockItem) -> list:
         payload = BlockPayload(session_id=session_id, block_index=item.block_index, pts_ms=item.pts_ms,
                                audio=torch.zeros(0), latents=item.tensor("latents").torch().clone())
-        tensors = await self._run(self._decode_encode, session_id, payload, item.metadata.get(REPLAY_KEY) == "1")
+        tensors = await self._block(session_id, item, (self._decode_encode,
+                                                       (session_id, payload, item.metadata.get(REPLAY_KEY) == "1")))
         meta = dict(item.metadata)
         meta.update(num_frames=str(self.stream.frames_per_block), width=str(self.stream.width),
                     height=str(self.stream.height))
         return [BlockItem(block_index=item.block_index, pts_ms=item.pts_ms, metadata=meta, tensors=tensors)]
+
+
+def block_deadline(item: BlockItem) -> float:
+    """The block's deadline (unix seconds) as the gateway stamped it; now when it is missing or malformed (a block
+    sent by another client of the stage protocol: it runs before later deadlines, not after)."""
+    raw = item.metadata.get(DEADLINE_KEY)
+    try:
+        value = float(raw) / 1000.0
+    except (TypeError, ValueError):
+        return time.time()
+    return value if math.isfinite(value) else time.time()
 
 
 # Factories for serve/deployments/stage.py's StageSpec.handler ("module:callable").

@@ -92,6 +92,9 @@ class TimedHandler:
     def __init__(self, inner: StageHandler, metrics: Any) -> None:
         self._inner = inner
         self._metrics = metrics
+        attach = getattr(inner, "attach_metrics", None)
+        if callable(attach):  # the handler's own metrics (batch sizes, deadline slack)
+            attach(metrics)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)

@@ -79,6 +79,9 @@ MAX_SESSION_ID_LEN = 256
 START_BLOCK_KEY = "start_block"
 # Block metadata key: "1" on a block replayed to rebuild state after a replica loss; its output is not delivered again.
 REPLAY_KEY = "replay"
+# Block metadata key: the block's deadline, unix milliseconds (its audio span's end on the stream's wall clock plus
+# `late_after_s`): stages run blocks earliest deadline first (engine/scheduler.py).
+DEADLINE_KEY = "deadline_ms"
 
 
 class ErrorCode(enum.IntEnum):

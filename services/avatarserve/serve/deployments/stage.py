@@ -137,6 +137,9 @@ class StageReplica:
         while True:
             try:
                 self.metrics.snapshot(self._bg.host.stats(), self.reserved, self.draining)
+                measured = getattr(self._bg.host.handler, "realtime_capacity", lambda: None)()
+                if measured is not None:
+                    self.metrics.set("avatarserve_replica_realtime_capacity_sessions", measured)
             except Exception as exc:  # noqa: BLE001 - metrics must never take the data plane down
                 log.warning("%s: metrics snapshot failed: %s", self.name, exc)
             await asyncio.sleep(interval_s)

@@ -295,7 +295,7 @@ def start_tls_front(app: AppConfig, upstream: str, workdir: Path, timeout_s: flo
     return proc.pid, port
 
 
-def wait_grpc_healthy(address: str, timeout: float = 120.0) -> None:
+def wait_grpc_healthy(address: str, timeout: float = 120.0, application: str = "avatarserve") -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -306,7 +306,7 @@ def wait_grpc_healthy(address: str, timeout: float = 120.0) -> None:
             with grpc.insecure_channel(address) as ch:
                 resp = health_pb2_grpc.HealthStub(ch).Check(
                     health_pb2.HealthCheckRequest(service="avatarserve.v1.AvatarService"), timeout=5,
-                    metadata=(("application", "avatarserve"),))
+                    metadata=(("application", application),))
                 if resp.status == health_pb2.HealthCheckResponse.SERVING:
                     return
         except Exception as exc:  # noqa: BLE001 - retried until the deadline

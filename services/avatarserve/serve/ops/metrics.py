@@ -54,6 +54,8 @@ LAG_BUCKETS = [0.01, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0]
 FPS_BUCKETS = [1.0, 5.0, 10.0, 15.0, 20.0, 22.0, 24.0, 25.0, 26.0, 30.0, 50.0, 100.0]
 RTF_BUCKETS = [0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.01, 1.05, 1.25, 2.0, 5.0]
 SKEW_BUCKETS = [0.001, 0.01, 0.02, 0.04, 0.08, 0.2, 0.5]
+BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 32]  # blocks per forward
+SLACK_BUCKETS = [0.01, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0]
 WAIT_BUCKETS = [0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
 
 
@@ -125,6 +127,16 @@ METRICS: Tuple[MetricSpec, ...] = (
     _h("avatarserve_stage_step_seconds", "Compute time of one block at one stage (handler.process).",
        LATENCY_BUCKETS, side="stage"),
     MetricSpec("avatarserve_stage_blocks", "counter", "Blocks processed by this stage replica.", side="stage"),
+    _h("avatarserve_stage_batch_size", "Blocks (of different sessions) per forward at this stage replica.",
+       BATCH_BUCKETS, side="stage"),
+    _h("avatarserve_stage_deadline_slack_seconds", "Time left to a block's deadline when this stage finished it (a "
+       "missed deadline lands in the first bucket; misses: avatarserve_stage_deadline_misses).", SLACK_BUCKETS,
+       side="stage"),
+    MetricSpec("avatarserve_stage_deadline_misses", "counter", "Blocks this stage finished after their deadline (the "
+               "end of their audio plus late_after_s).", side="stage"),
+    MetricSpec("avatarserve_replica_realtime_capacity_sessions", "gauge", "Real-time sessions this stage replica "
+               "can serve by its measured step cost per batch size (scheduling.utilization of each block's "
+               "duration).", side="stage"),
     MetricSpec("avatarserve_stage_errors", "counter", "Blocks whose step failed at this stage replica.",
                side="stage"),
     MetricSpec("avatarserve_replica_sessions", "gauge", "Sessions on this stage replica, by state (live: "
