@@ -75,3 +75,32 @@ def test_a_refused_block_fails_alone(tiny_bundle):
     with pytest.raises(InvalidInput, match="two blocks of one session"):
         stages[0].step_many([a[1], a[1]])
     assert stages[0].step(a[1]).block_index == 1  # and the refused batch changed nothing for the others
+
+
+def test_sequential_pipeline_runs_sessions_in_lockstep_like_one_by_one(tiny_bundle):
+    """`SequentialPipeline.run_blocks` (the bench's machine limit) gives each session what `run_block` gives it."""
+    from avatarserve.engine.pipeline import SequentialPipeline
+
+    def start(pipe, sid, seed):
+        rng = np.random.default_rng(seed)
+        st = pipe.stream
+        face = (rng.random((st.height, st.width, 3)) * 255).astype(np.uint8)
+        sink = pipe.decoder.prepare_sink(face, tiny_bundle.encode_prompt("a person talking"), seed)
+        pipe.audio.create(sid)
+        for stage in pipe.stages:
+            stage.create(sid, sink)
+        pipe.decoder.create(sid, sink)
+        pipe.audio.push(sid, speech_like(6 * st.block_seconds + 0.1, seed=seed))
+
+    alone, lockstep = SequentialPipeline(tiny_bundle), SequentialPipeline(tiny_bundle)
+    sids = ["p0", "p1"]
+    for i, sid in enumerate(sids):
+        start(alone, sid, i)
+        start(lockstep, sid, i)
+    for _ in range(6):  # through the adaptive sink (blocks >= aas_after_blocks)
+        expected = [alone.run_block(alone.audio.next_block(sid)) for sid in sids]
+        got = lockstep.run_blocks([lockstep.audio.next_block(sid) for sid in sids])
+        for e, g in zip(expected, got):
+            assert g.block_index == e.block_index
+            assert (g.latents - e.latents).abs().max().item() <= TOL
+            assert np.abs(g.frames.astype(np.int16) - e.frames.astype(np.int16)).max() <= 1
