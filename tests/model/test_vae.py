@@ -131,6 +131,41 @@ def test_batched_stream_equals_per_sample(vae: StreamingVAE) -> None:
         assert torch.allclose(both[i: i + 1], vae.decode_full(z[i: i + 1]), atol=1e-5)
 
 
+def test_streams_decoded_together_equal_each_alone_and_go_on_alone(vae: StreamingVAE) -> None:
+    """decode_stream_many joins streams under way into one batch (a fresh stream, or one of another size, goes
+    alone) and splits their caches back: each stream's frames equal its own decode up to float round-off, also
+    when it goes on alone afterwards."""
+    zs = [_latents(9, seed=30 + i) for i in range(3)] + [_latents(9, seed=33, h=12, w=8)]
+    expected = [vae.decode_full(z) for z in zs]
+    states = [vae.new_decode_state() for _ in zs]
+    got: List[List[torch.Tensor]] = [[] for _ in zs]
+    late = 2  # stream 2 starts one chunk later: fresh while the others are under way
+    batches: List[int] = []  # rows of each decoder call
+    hook = vae.vae.decoder.register_forward_pre_hook(lambda _m, args, kwargs: batches.append(args[0].shape[0]),
+                                                     with_kwargs=True)
+    try:
+        for c, (a, b) in enumerate(((0, 3), (3, 6), (6, 9))):
+            members = [i for i in range(len(zs)) if not (i == late and c == 0)]
+            outs = vae.decode_stream_many([states[i] for i in members], [zs[i][:, :, a:b] for i in members])
+            for i, out in zip(members, outs):
+                got[i].append(out)
+    finally:
+        hook.remove()
+    # per latent frame: chunk 0: 0, 1, 3 alone (fresh); chunk 1: 0+1 joined, 2 (fresh) and 3 (other size) alone;
+    # chunk 2: 0+1+2 joined, 3 alone
+    assert sorted(batches) == [1] * (3 * 3 + 2 * 3 + 1 * 3) + [2] * 3 + [3] * 3, batches
+    got[late].append(vae.decode_stream(states[late], _latents(3, seed=99)))  # goes on alone
+    first = vae.decode_full(zs[late][:, :, 3:9])
+    for i in (0, 1, 3):
+        assert torch.allclose(torch.cat(got[i], 2), expected[i], atol=1e-5), i
+    assert torch.allclose(torch.cat(got[late][:2], 2), first, atol=1e-5)
+    assert all(t.shape[0] == 1 for t in states[0].feat_cache if isinstance(t, torch.Tensor))
+    with pytest.raises(VaeStateError, match="twice"):
+        vae.decode_stream_many([states[0], states[0]], [zs[0][:, :, :1], zs[0][:, :, :1]])
+    with pytest.raises(VaeShapeError, match="2 streams but 1"):
+        vae.decode_stream_many(states[:2], zs[:1])
+
+
 def test_decode_rejects_bad_inputs(vae: StreamingVAE) -> None:
     state = vae.new_decode_state()
     with pytest.raises(VaeShapeError, match="latents must be"):

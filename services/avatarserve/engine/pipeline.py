@@ -70,23 +70,24 @@ class SequentialPipeline:
         return self.run_blocks([payload])[0]
 
     def run_blocks(self, payloads: Sequence[BlockPayload]) -> List[VideoBlock]:
-        """One block each of several sessions: every denoising step runs them in one forward (`step_many`), the
-        VAE decodes them one by one. With one payload this is the plain sequential pipeline."""
+        """One block each of several sessions: every denoising step runs them in one forward (`step_many`), and the
+        VAE decodes them as one batch (`decode_many`). With one payload this is the plain sequential pipeline."""
         for stage in self.stages:
             stepped = stage.step_many(payloads) if len(payloads) > 1 else [stage.step(payloads[0])]
             failed = next((r for r in stepped if isinstance(r, Exception)), None)
             if failed is not None:
                 raise failed
             payloads = stepped
-        out = []
         for payload in payloads:
             aas = adaptive_sink_latent(self.stream, payload)
             if aas is not None:
                 for stage in self.stages:
                     stage.set_aas_latent(payload.session_id, aas)
-            frames = self.decoder.decode(payload)
-            out.append(VideoBlock(payload.block_index, payload.pts_ms, frames, payload.is_idle, payload.latents))
-        return out
+        decoded = self.decoder.decode_many(payloads)
+        failed = next((r for r in decoded if isinstance(r, Exception)), None)
+        if failed is not None:
+            raise failed
+        return [VideoBlock(p.block_index, p.pts_ms, frames, p.is_idle, p.latents) for p, frames in zip(payloads, decoded)]
 
     def generate(self, image, audio: np.ndarray, prompt: str = "", seed: int = 0, chunk_samples: int = 3200,
                  text: Optional[torch.Tensor] = None) -> List[VideoBlock]:

@@ -333,15 +333,39 @@ class DecoderRunner:
     @torch.no_grad()
     def decode(self, payload: BlockPayload) -> np.ndarray:
         """-> frames uint8 [frames_per_block, H, W, 3]."""
-        sess: _DecoderSession = self.sessions.get(payload.session_id)
-        if payload.block_index != sess.next_block:
-            raise BlockOrderError(f"decoder: session {payload.session_id!r} expected block {sess.next_block}, "
-                                  f"got {payload.block_index}")
-        if payload.latents is None:
-            raise InvalidInput("decoder: block has no latents")
-        frames = self.vae.decode_stream(sess.state, payload.latents)  # [1, 3, T, H, W] in [-1, 1]
-        sess.next_block += 1
-        return to_uint8_frames(frames)
+        result = self.decode_many([payload])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    @torch.no_grad()
+    def decode_many(self, payloads: Sequence[BlockPayload]) -> List[Union[np.ndarray, Exception]]:
+        """One block each of several sessions, decoded as one batch where their streams allow
+        (`StreamingVAE.decode_stream_many`); result i is payload i's frames or the engine error that refused it."""
+        if len({p.session_id for p in payloads}) != len(payloads):
+            raise InvalidInput("decoder: one batch holds two blocks of one session")
+        results: List[Union[np.ndarray, Exception]] = list(payloads)
+        ready = []
+        for i, payload in enumerate(payloads):
+            try:
+                sess: _DecoderSession = self.sessions.get(payload.session_id)
+                if payload.block_index != sess.next_block:
+                    raise BlockOrderError(f"decoder: session {payload.session_id!r} expected block "
+                                          f"{sess.next_block}, got {payload.block_index}")
+                if payload.latents is None:
+                    raise InvalidInput("decoder: block has no latents")
+            except EngineError as exc:
+                results[i] = exc
+                continue
+            ready.append((i, sess, payload))
+        if not ready:
+            return results
+        frames = self.vae.decode_stream_many([sess.state for _, sess, _ in ready],
+                                             [p.latents for _, _, p in ready])  # each [1, 3, T, H, W] in [-1, 1]
+        for (i, sess, _), f in zip(ready, frames):
+            sess.next_block += 1
+            results[i] = to_uint8_frames(f)
+        return results
 
     def close(self, session_id: str) -> None:
         self.sessions.pop(session_id)

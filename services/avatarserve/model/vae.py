@@ -27,7 +27,7 @@ import os
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -312,6 +312,68 @@ class StreamingVAE:
         if self._patch > 1:
             frames = unpatchify(frames, patch_size=self._patch)
         return frames.clamp_(-1.0, 1.0)
+
+    def decode_stream_many(self, states: Sequence[VaeDecodeState],
+                           latents: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """The next latents of several streams (sessions) -> frames per stream, as `decode_stream` gives each up to
+        float round-off. Streams that are under way, one batch row each, with the same latent shape and cache layout
+        are decoded as ONE batch (their caches joined along the batch, then split back); any other stream (a fresh
+        one, another size) is decoded on its own."""
+        if len(states) != len(latents):
+            raise VaeShapeError(f"{len(states)} streams but {len(latents)} latent blocks")
+        if len({id(s) for s in states}) != len(states):
+            raise VaeStateError("one stream appears twice in a batch")
+        groups: Dict[Any, List[int]] = {}
+        for i, (state, z) in enumerate(zip(states, latents)):
+            key = self._batch_key(state, z)
+            groups.setdefault(key if key is not None else ("alone", i), []).append(i)
+        out: List[Optional[torch.Tensor]] = [None] * len(states)
+        for members in groups.values():
+            if len(members) == 1:
+                i = members[0]
+                out[i] = self.decode_stream(states[i], latents[i])
+                continue
+            for i, frames in zip(members, self._decode_joined([states[i] for i in members],
+                                                              [latents[i] for i in members])):
+                out[i] = frames
+        return out  # type: ignore[return-value]
+
+    def _batch_key(self, state: VaeDecodeState, latents: Any) -> Optional[tuple]:
+        """What streams must share to be decoded as one batch; None for a stream that goes alone."""
+        if (not isinstance(state, VaeDecodeState) or state.owner_id != id(self) or not state.started
+                or state.batch_size != 1 or not isinstance(latents, torch.Tensor) or latents.dim() != 5
+                or latents.shape[0] != 1):
+            return None
+        layout = []
+        for c in state.feat_cache:
+            if c is None:
+                layout.append(None)
+            elif isinstance(c, torch.Tensor) and c.shape[0] == 1:
+                layout.append(tuple(c.shape[1:]))
+            else:  # a marker of a stream still priming its upsamplers
+                return None
+        return tuple(latents.shape), state.latent_hw, tuple(layout)
+
+    def _decode_joined(self, states: List[VaeDecodeState], latents: List[torch.Tensor]) -> List[torch.Tensor]:
+        for state in states:
+            state.lock.acquire()
+        try:
+            joined = VaeDecodeState(owner_id=id(self), num_convs=self._dec_convs,
+                                    feat_cache=[None if all(s.feat_cache[j] is None for s in states)
+                                                else torch.cat([s.feat_cache[j] for s in states])
+                                                for j in range(self._dec_convs)],
+                                    latent_frames=min(s.latent_frames for s in states), batch_size=len(states),
+                                    latent_hw=states[0].latent_hw)
+            frames = self.decode_stream(joined, torch.cat(latents))
+            n = latents[0].shape[2]
+            for row, state in enumerate(states):
+                # copies: a view would keep the whole joined cache alive for as long as the stream lives
+                state.feat_cache = [None if c is None else c[row:row + 1].clone() for c in joined.feat_cache]
+                state.latent_frames += n
+            return [frames[row:row + 1] for row in range(len(states))]
+        finally:
+            for state in states:
+                state.lock.release()
 
     def decode_full(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode a whole clip of model-space latents at once (same result as one fresh stream)."""
