@@ -71,7 +71,7 @@ def stage_specs(app: AppConfig) -> List[Tuple[str, StageSpec]]:
     for dep in app.stage_deployments:
         role = app.role_of(dep)
         config: Dict[str, Any] = {**base, "model": app.model.for_role(role).model_dump(), "name": dep,
-                                  "max_batch": app.scheduling.max_batch if role == "denoise" else 1}
+                                  "max_batch": app.scheduling.max_batch if role in ("denoise", "vae") else 1}
         if role == "denoise":
             config.update(step=int(dep[len("DenoiseStage"):]), aas_wait_s=app.timeouts.for_deployment(dep).aas_wait_s)
         resources = getattr(app.resources, role)

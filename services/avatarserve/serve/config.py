@@ -379,8 +379,9 @@ class SchedulingSection(_Strict):
     block's deadline is the end of its audio span plus `late_after_s`, on the wall clock), one compute thread."""
 
     max_batch: int = Field(4, ge=1, description="Most blocks of different sessions a denoise stage runs in one "
-                                                "forward (1: one block per forward). Batched blocks equal blocks run "
-                                                "one by one up to float round-off (not bit for bit).")
+                                                "forward, and the VAE decoder decodes as one batch (1: one block at "
+                                                "a time). Batched blocks equal blocks run one by one up to float "
+                                                "round-off (not bit for bit).")
     utilization: float = Field(0.9, gt=0, le=1, description="Share of a block's duration a stage may spend "
                                                             "computing when it estimates the real-time sessions it "
                                                             "can take (metric avatarserve_replica_realtime_capacity).")

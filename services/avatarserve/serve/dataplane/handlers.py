@@ -5,7 +5,7 @@ one compute thread per replica (a stage's accelerator does one forward at a time
 re-entrant friendly), while the data-plane event loop keeps moving other sessions' messages. That thread belongs to
 the replica's `StageScheduler` (engine/scheduler.py): blocks run earliest deadline first (the gateway stamps each
 block's deadline, `DEADLINE_KEY`), a denoise stage runs the ready blocks of up to `scheduling.max_batch` sessions in
-one forward, and session setup and teardown run ahead of blocks.
+one forward and the VAE decoder decodes them as one batch, and session setup and teardown run ahead of blocks.
 
 Items on the wire, per block:
   gateway -> AudioEncoder   tensors {pcm: float32 [samples_per_block]}, metadata {idle}
@@ -368,8 +368,22 @@ class VaeDecoderHandler(_EngineHandler):
         sink = await self._sink(session_id)
         await self._run(self.runner.create, session_id, sink, self._start_block(opts))
 
-    def _decode_encode(self, session_id: str, payload: BlockPayload, replay: bool = False) -> Dict[str, np.ndarray]:
-        frames = self.runner.decode(payload)
+    def _batch(self, works: List[Any]) -> List[Any]:
+        """(session, payload, replay) of different sessions: decoded as one batch where their streams allow, then
+        each encoded."""
+        decoded = self.runner.decode_many([payload for _, payload, _ in works])
+        out: List[Any] = []
+        for (session_id, _, replay), frames in zip(works, decoded):
+            if isinstance(frames, Exception):
+                out.append(frames)
+                continue
+            try:
+                out.append(self._encode_frames(session_id, frames, replay))
+            except Exception as exc:  # noqa: BLE001 - that block's own failure
+                out.append(exc)
+        return out
+
+    def _encode_frames(self, session_id: str, frames: np.ndarray, replay: bool) -> Dict[str, np.ndarray]:
         if replay:  # a block replayed to rebuild the session after a replica loss: the caller already has it
             return {}
         opts = self.session_options.get(session_id, {})
@@ -388,8 +402,7 @@ class VaeDecoderHandler(_EngineHandler):
     async def process(self, session_id: str, item: BlockItem) -> list:
         payload = BlockPayload(session_id=session_id, block_index=item.block_index, pts_ms=item.pts_ms,
                                audio=torch.zeros(0), latents=item.tensor("latents").torch().clone())
-        tensors = await self._block(session_id, item, (self._decode_encode,
-                                                       (session_id, payload, item.metadata.get(REPLAY_KEY) == "1")))
+        tensors = await self._block(session_id, item, (session_id, payload, item.metadata.get(REPLAY_KEY) == "1"))
         meta = dict(item.metadata)
         meta.update(num_frames=str(self.stream.frames_per_block), width=str(self.stream.width),
                     height=str(self.stream.height))
