@@ -19,6 +19,7 @@ Prints ONE JSON object with `--json` (a readable summary otherwise). `refusal_p9
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -71,40 +72,29 @@ def _log(msg: str) -> None:
     print(f"[scale] {msg}", file=sys.stderr, flush=True)
 
 
-def run(args: argparse.Namespace) -> Dict[str, Any]:
+@contextlib.contextmanager
+def private_cluster(num_cpus: int, namespace: str) -> Iterator[Tuple[str, str]]:
+    """A private local cluster for a benchmark: redis-server, Ray and Serve with its gRPC proxy on free loopback
+    ports -> (redis URL, gRPC address); torn down on exit (only what it started)."""
     from avatarserve.serve.ops.launcher import _kill_pid, ray_env, start_redis
 
     os.environ.update({k: v for k, v in ray_env().items() if k.startswith("RAY_")})
     import ray
     from ray import serve
 
-    from avatarserve.serve.builder import deploy, grpc_options
+    from avatarserve.serve.builder import grpc_options
     from avatarserve.serve.ray_compat import start_serve
-    from avatarserve_client import AvatarClient, CapacityExhausted, VideoBlock, chunk_pcm
 
-    work = Path(tempfile.mkdtemp(prefix="avatarserve-scale-"))
+    work = Path(tempfile.mkdtemp(prefix="avatarserve-bench-"))
     rport = _free_port()
-    t0 = time.monotonic()
     redis_pid = start_redis(rport, work)
-    out: Dict[str, Any] = {}
     try:
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=150 * 1024 * 1024, namespace="avatarserve-scale-bench")
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=150 * 1024 * 1024, namespace=namespace)
         try:
             gport = _free_port()
             start_serve(grpc_options=grpc_options(gport), http_options={"host": "127.0.0.1", "port": _free_port()})
-            cfg = {"name": APP, "route_prefix": "/" + APP, "redis_url": f"redis://127.0.0.1:{rport}/0",
-                   "model": {"config": args.model, "seed": 0, "stream_overrides": {"num_steps": args.steps}},
-                   "capacity": dict.fromkeys(("audio", "denoise", "vae"), args.capacity),
-                   "autoscaling": {"enabled": True, "min_replicas": dict.fromkeys(("audio", "denoise", "vae"), 1),
-                                   "max_replicas": dict.fromkeys(("audio", "denoise", "vae"), 1)},
-                   "timeouts": {"admission_wait_s": 30.0}, "retry_after_ms": args.retry_after_ms, "ops": {"enabled": False},
-                   "auth": {"mode": "disabled"}}
-            deploy(cfg)
-            out["startup_s"] = round(time.monotonic() - t0, 1)
-            _log(f"cluster up in {out['startup_s']} s; saturating {args.capacity} session slot(s)")
-            address = f"127.0.0.1:{gport}"
-            out.update(measure(address, args, AvatarClient, CapacityExhausted, VideoBlock, chunk_pcm))
+            yield f"redis://127.0.0.1:{rport}/0", f"127.0.0.1:{gport}"
         finally:
             try:
                 serve.shutdown()
@@ -113,6 +103,26 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     finally:
         _kill_pid(redis_pid)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    from avatarserve.serve.builder import deploy
+    from avatarserve_client import AvatarClient, CapacityExhausted, VideoBlock, chunk_pcm
+
+    t0 = time.monotonic()
+    out: Dict[str, Any] = {}
+    with private_cluster(args.num_cpus, "avatarserve-scale-bench") as (redis_url, address):
+        cfg = {"name": APP, "route_prefix": "/" + APP, "redis_url": redis_url,
+               "model": {"config": args.model, "seed": 0, "stream_overrides": {"num_steps": args.steps}},
+               "capacity": dict.fromkeys(("audio", "denoise", "vae"), args.capacity),
+               "autoscaling": {"enabled": True, "min_replicas": dict.fromkeys(("audio", "denoise", "vae"), 1),
+                               "max_replicas": dict.fromkeys(("audio", "denoise", "vae"), 1)},
+               "timeouts": {"admission_wait_s": 30.0}, "retry_after_ms": args.retry_after_ms, "ops": {"enabled": False},
+               "auth": {"mode": "disabled"}}
+        deploy(cfg)
+        out["startup_s"] = round(time.monotonic() - t0, 1)
+        _log(f"cluster up in {out['startup_s']} s; saturating {args.capacity} session slot(s)")
+        out.update(measure(address, args, AvatarClient, CapacityExhausted, VideoBlock, chunk_pcm))
     return out
 
 
