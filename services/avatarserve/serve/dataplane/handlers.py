@@ -86,7 +86,8 @@ class EngineHandlerConfig(BaseModel):
     session_ttl_s: float = Field(gt=0)
     redis: RedisTimeouts  # timeouts.redis: the store's client, outages
     torch_threads: int = Field(ge=1)
-    max_batch: int = Field(ge=1, description="scheduling.max_batch for denoise stages, 1 for the others.")
+    max_batch: int = Field(ge=1, description="scheduling.max_batch for denoise stages and the VAE decoder, 1 for the "
+                                             "audio encoder.")
     utilization: float = Field(gt=0, le=1, description="scheduling.utilization.")
     step: Optional[int] = Field(None, ge=0, description="Denoise stages only: the denoising step it runs.")
     aas_wait_s: Optional[float] = Field(None, gt=0, description="Denoise stages only: timeouts.aas_wait_s.")
@@ -148,7 +149,7 @@ class _EngineHandler:
 
     def _batch(self, works: List[Any]) -> List[Any]:
         """Blocks of different sessions taken together: here one after the other (`(fn, args)` each); a denoise
-        stage runs them in one forward."""
+        stage runs them in one forward, the VAE decoder in one batched decode."""
         out: List[Any] = []
         for fn, args in works:
             try:
