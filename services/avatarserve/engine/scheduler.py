@@ -33,6 +33,8 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 
 __all__ = ["BatchReport", "SchedulerClosed", "StageScheduler", "StepCosts"]
 
+MAX_CAPACITY = 4096  # the most sessions realtime_capacity reports (a stage whose calls cost next to nothing)
+
 
 class SchedulerClosed(RuntimeError):
     """The scheduler was closed: the work will never run."""
@@ -172,22 +174,21 @@ class StageScheduler:
 
     # ----- capacity ---------------------------------------------------------------------------------------------
     def realtime_capacity(self, cap: Optional[int] = None) -> Optional[int]:
-        """Sessions this stage can serve in real time: the largest n (up to `cap`, else `max_batch` x the number of
-        forwards that fit a block) whose measured cost per block period fits `utilization` x block_seconds. A
-        session gets one block per block period; n sessions take ceil(n / max_batch) forwards of up to max_batch.
-        None before anything was measured."""
+        """Sessions this stage can serve in real time: the largest n (at most `cap`, else `MAX_CAPACITY`) whose
+        measured cost per block period fits `utilization` x block_seconds. A session gets one block per block
+        period; n sessions take n // max_batch full calls plus one of n % max_batch. None before anything was
+        measured. Cheap (no loop over n): the replica's metrics task calls it on its event loop."""
         if self.costs.seconds(1) is None:
             return None
         budget = self.utilization * self.block_seconds
-        limit = cap if cap is not None else 4096
-        best = 0
-        for n in range(1, limit + 1):
-            full, rest = divmod(n, self.max_batch)
-            cost = full * self.costs.seconds(self.max_batch) + (self.costs.seconds(rest) if rest else 0.0)
-            if cost > budget:
-                break
-            best = n
-        return best
+        limit = cap if cap is not None else MAX_CAPACITY
+        full_cost = self.costs.seconds(self.max_batch)
+        full = int(budget // full_cost) if full_cost > 0 else limit
+        if full * self.max_batch >= limit:
+            return limit
+        left = budget - full * full_cost
+        rest = max((r for r in range(self.max_batch) if r == 0 or self.costs.seconds(r) <= left), default=0)
+        return min(limit, full * self.max_batch + rest)
 
     # ----- lifecycle --------------------------------------------------------------------------------------------
     def close(self, timeout_s: Optional[float] = None) -> None:
