@@ -73,7 +73,7 @@ class SequentialPipeline:
         """One block each of several sessions: every denoising step runs them in one forward (`step_many`), and the
         VAE decodes them as one batch (`decode_many`). With one payload this is the plain sequential pipeline."""
         for stage in self.stages:
-            stepped = stage.step_many(payloads) if len(payloads) > 1 else [stage.step(payloads[0])]
+            stepped = stage.step_many(payloads)
             failed = next((r for r in stepped if isinstance(r, Exception)), None)
             if failed is not None:
                 raise failed

@@ -97,12 +97,6 @@ class StepCosts:
             return {n: {"seconds": round(s, 6), "count": self._n[n]} for n, s in sorted(self._s.items())}
 
 
-@dataclass(order=True)
-class _Entry:
-    deadline: float
-    seq: int
-
-
 @dataclass
 class _Work:
     session_id: str
