@@ -46,7 +46,7 @@ def _scheduler(fn, **kw) -> StageScheduler:
 
 def test_earliest_deadline_first_across_sessions():
     rec = _Recorder()
-    sched = _scheduler(rec, max_batch=1)
+    sched = _scheduler(rec, max_batch=1, clock=lambda: 0.0)  # every deadline ahead
     try:
         release = _held(sched)
         futs = [sched.submit("a", "a0", 30.0), sched.submit("b", "b0", 10.0), sched.submit("c", "c0", 20.0)]
@@ -59,7 +59,7 @@ def test_earliest_deadline_first_across_sessions():
 
 def test_batches_take_the_earliest_heads_of_different_sessions_and_keep_each_session_in_order():
     rec = _Recorder()
-    sched = _scheduler(rec, max_batch=2)
+    sched = _scheduler(rec, max_batch=2, clock=lambda: 0.0)
     try:
         release = _held(sched)
         futs = [sched.submit("a", "a0", 1.0), sched.submit("a", "a1", 2.0), sched.submit("b", "b0", 3.0),
@@ -69,6 +69,38 @@ def test_batches_take_the_earliest_heads_of_different_sessions_and_keep_each_ses
             f.result(WAIT_S)
         # a1 waits for a0's batch (it reads the cache a0 writes), then goes with c0; a2 after a1
         assert rec.batches == [["a0", "b0"], ["a1", "c0"], ["a2"]]
+    finally:
+        sched.close()
+
+
+def test_late_blocks_go_first_and_take_turns_so_a_session_far_behind_cannot_starve_a_new_one():
+    """Plain EDF would run all of `old`'s backlog (the earliest deadlines) before `new`'s first block."""
+    rec = _Recorder()
+    sched = _scheduler(rec, max_batch=1, clock=lambda: 100.0)
+    try:
+        release = _held(sched)
+        futs = [sched.submit("old", f"old{i}", 10.0 + i) for i in range(4)]  # 90 s behind
+        futs += [sched.submit("new", "new0", 99.0), sched.submit("new", "new1", 99.5),
+                 sched.submit("ontime", "ontime0", 150.0), sched.submit("soon", "soon0", 120.0)]
+        release.set()
+        for f in futs:
+            f.result(WAIT_S)
+        # late heads in turn (longest waiting first); then the on-time ones, earliest deadline first
+        assert rec.batches == [["old0"], ["new0"], ["old1"], ["new1"], ["old2"], ["old3"], ["soon0"], ["ontime0"]]
+    finally:
+        sched.close()
+
+
+def test_a_batch_takes_late_heads_before_on_time_ones():
+    rec = _Recorder()
+    sched = _scheduler(rec, max_batch=2, clock=lambda: 100.0)
+    try:
+        release = _held(sched)
+        futs = [sched.submit("a", "a0", 130.0), sched.submit("b", "b0", 110.0), sched.submit("c", "c0", 50.0)]
+        release.set()
+        for f in futs:
+            f.result(WAIT_S)
+        assert rec.batches == [["c0", "b0"], ["a0"]]
     finally:
         sched.close()
 

@@ -5,8 +5,12 @@ A stage replica runs its model on one compute thread. `StageScheduler` owns that
 
 - **Blocks** are submitted with their session and deadline (the wall time by which the block must leave the last
   stage to stay real time). The thread runs earliest-deadline-first, and puts the ready blocks of *other* sessions
-  into the same call of `batch_fn` (one forward), up to `max_batch`, in deadline order. A session's blocks always
+  into the same call of `batch_fn` (one forward), up to `max_batch`, in that order. A session's blocks always
   run one at a time, in the order submitted (block b+1 reads the KV cache block b wrote).
+- **Overload**: blocks already past their deadline go first, but among themselves in turn (the session that has
+  waited longest since its previous block ran goes first), not by deadline. Plain EDF would give the whole stage to
+  the session furthest behind (its deadlines are the earliest) until every other session is as far behind: a new
+  session would get no frame for as long as an old one's backlog lasts.
 - **Calls** (`call(fn, ...)`: session creation, sink prefill, close) run on the same thread before any block, so
   model state is only ever touched from that thread.
 - **Cost**: the time of every batch is recorded per batch size (`StepCosts`); `realtime_capacity()` is how many
@@ -22,7 +26,6 @@ an Exception instance, which fails that block alone. An exception raised by `bat
 from __future__ import annotations
 
 import concurrent.futures
-import heapq
 import itertools
 import math
 import threading
@@ -105,6 +108,22 @@ class _Work:
     future: concurrent.futures.Future
 
 
+@dataclass
+class _SessionQueue:
+    """One session's queued blocks, in submission order."""
+
+    works: Deque[_Work]
+    ready_at: float  # when its head became runnable: submitted to an empty queue, or the previous block finished
+    seq: int  # ties of ready_at, in that order
+
+    def key(self, now: float) -> tuple:
+        """Order of heads: late ones first, longest waiting first; then earliest deadline first."""
+        head = self.works[0]
+        if head.deadline <= now:
+            return (0, self.ready_at, self.seq)
+        return (1, head.deadline, self.seq)
+
+
 class StageScheduler:
     """EDF + batching on one compute thread (see the module docstring)."""
 
@@ -126,8 +145,7 @@ class StageScheduler:
         self.costs = StepCosts()
         self.deadline_misses = 0
         self.blocks_done = 0
-        self._queues: Dict[str, Deque[_Work]] = {}  # per session, in submission order
-        self._heap: List[tuple] = []  # (deadline, seq, session) of each session's head
+        self._queues: Dict[str, _SessionQueue] = {}  # sessions with queued blocks
         self._calls: Deque[tuple] = deque()
         self._seq = itertools.count()
         self._cv = threading.Condition()
@@ -145,10 +163,9 @@ class StageScheduler:
             q = self._queues.get(session_id)
             item = _Work(session_id, work, float(deadline), fut)
             if q is None:
-                self._queues[session_id] = deque([item])
-                heapq.heappush(self._heap, (item.deadline, next(self._seq), session_id))
+                self._queues[session_id] = _SessionQueue(deque([item]), self.clock(), next(self._seq))
             else:
-                q.append(item)
+                q.works.append(item)
             self._cv.notify()
         return fut
 
@@ -164,7 +181,7 @@ class StageScheduler:
 
     def queued(self) -> int:
         with self._cv:
-            return sum(len(q) for q in self._queues.values())
+            return sum(len(q.works) for q in self._queues.values())
 
     # ----- capacity ---------------------------------------------------------------------------------------------
     def realtime_capacity(self, cap: Optional[int] = None) -> Optional[int]:
@@ -191,10 +208,9 @@ class StageScheduler:
             if self._closed:
                 return
             self._closed = True
-            pending = [w for q in self._queues.values() for w in q]
+            pending = [w for q in self._queues.values() for w in q.works]
             calls = list(self._calls)
             self._queues.clear()
-            self._heap.clear()
             self._calls.clear()
             self._cv.notify_all()
         for w in pending:
@@ -212,20 +228,16 @@ class StageScheduler:
                 return None
             if self._calls:
                 return "call", self._calls.popleft()
-            if self._heap:
+            if self._queues:
+                now = self.clock()
+                # One head per session: a session never has two blocks in one batch. Few sessions wait at a stage,
+                # so sorting their heads on every take costs nothing next to a forward.
+                order = sorted(self._queues.items(), key=lambda kv: kv[1].key(now))[: self.max_batch]
                 batch = []
-                while self._heap and len(batch) < self.max_batch:
-                    _, _, sid = heapq.heappop(self._heap)
-                    q = self._queues[sid]
-                    batch.append(q.popleft())
-                # Sessions with more queued blocks go back on the heap with their next block's deadline; a session
-                # never has two blocks in one batch.
-                for w in batch:
-                    q = self._queues[w.session_id]
-                    if q:
-                        heapq.heappush(self._heap, (q[0].deadline, next(self._seq), w.session_id))
-                    else:
-                        del self._queues[w.session_id]
+                for sid, q in order:
+                    batch.append(q.works.popleft())
+                    if not q.works:
+                        del self._queues[sid]
                 return "batch", batch
             self._cv.wait()
 
@@ -245,6 +257,12 @@ class StageScheduler:
                         fut.set_exception(exc)
                 continue
             self._run_batch(what)
+            with self._cv:  # their next blocks became runnable now (for the turn order of late blocks)
+                now = self.clock()
+                for w in what:
+                    q = self._queues.get(w.session_id)
+                    if q is not None:
+                        q.ready_at, q.seq = now, next(self._seq)
 
     def _run_batch(self, batch: List[_Work]) -> None:
         live = [w for w in batch if w.future.set_running_or_notify_cancel()]
