@@ -43,7 +43,8 @@ def cluster(serve_instance, redis_server):
            "auth": {"mode": "disabled"},  # not about API keys (tests/integration/test_auth.py deploys its own app)
            # One block per forward: concurrent sessions here are compared with the sequential pipeline bit for bit
            # (batched forwards equal it up to float round-off: tests/integration/test_batching.py).
-           "scheduling": {"max_batch": 1},
+           # admit_by configured: tests here fill the app to its configured capacity (test_vanished_clients).
+           "scheduling": {"max_batch": 1, "admit_by": "configured"},
            # Teardown (serve.delete) waits for the stage replicas: a short drain keeps it within Serve's wait.
            "timeouts": {"session_drain_s": 30,
                         # sessions past their idle timeout close within a second (test_contract.py)

@@ -37,6 +37,7 @@ def scale_app(serve_instance, redis_server):
            "registry_namespace": "scale:", "auth": {"mode": "disabled"},
            "model": {"config": "tiny", "seed": 0, "stream_overrides": {"num_steps": 1}},
            "capacity": {"audio": 2, "denoise": 1, "vae": 4},
+           "scheduling": {"admit_by": "configured"},  # the sizes asserted below follow these capacities exactly
            "autoscaling": {"enabled": True, "min_replicas": {"audio": 1, "denoise": 1, "vae": 1},
                            "max_replicas": {"audio": 2, "denoise": 3, "vae": 1},
                            "headroom_fraction": 0.0, "headroom_sessions": 0, "hysteresis": 0.0,

@@ -67,6 +67,7 @@ def metrics_app(serve_instance, redis_server):
            "registry_namespace": "metrics:", "auth": {"mode": "disabled"},
            "model": {"config": "tiny", "seed": 0, "stream_overrides": {"num_steps": 1}},
            "capacity": {"audio": 2, "denoise": 2, "vae": 2},
+           "scheduling": {"admit_by": "configured"},  # the slot counts asserted below, whatever the machine's speed
            # Autoscaling on but already at its maximum: admission must refuse at once instead of parking.
            "autoscaling": {"enabled": True, "min_replicas": {"audio": 1, "denoise": 1, "vae": 1},
                            "max_replicas": {"audio": 1, "denoise": 1, "vae": 1}, "metrics_interval_s": 0.5,

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from avatarserve.serve.config import AppConfig
-from avatarserve.serve.control.admission import Admission, AdmissionRefused
+from avatarserve.serve.control.admission import Admission, AdmissionRefused, replica_capacity
 from avatarserve.serve.control.registry import ReplicaInfo, ReplicaRegistry
 
 from tests.conftest import RedisServer
@@ -114,3 +114,11 @@ async def test_touch_keeps_an_admission_and_expiry_drops_it(setup) -> None:
     while await registry.admitted(dep) != 1:  # "expiring" lapses on the Redis clock; "short" was touched
         assert time.monotonic() < deadline, "an untouched admission never expired"
         await asyncio.sleep(0.05)
+
+
+def test_a_replica_takes_its_measured_real_time_sessions_within_one_and_the_configured_capacity() -> None:
+    assert replica_capacity(8, None, "measured") == 8  # nothing measured yet
+    assert replica_capacity(8, 3, "measured") == 3
+    assert replica_capacity(8, 0, "measured") == 1  # slower than real time even alone: still serves one
+    assert replica_capacity(8, 4096, "measured") == 8  # the configured number is the upper bound
+    assert replica_capacity(8, 3, "configured") == 8

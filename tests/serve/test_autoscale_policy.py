@@ -53,6 +53,18 @@ def test_surge_scales_every_stage_at_once_by_its_own_capacity() -> None:
     assert all("down_since" not in s for s in state.values())
 
 
+def test_measured_capacity_sizes_a_stage_but_never_above_the_configured_capacity() -> None:
+    held = same(6)
+    measured = {d: StageLoad(d, 1, 6, 1, 8, capacity=c) for d, c in
+                {"AudioEncoder": 1.5, "DenoiseStage0": 3.0, "VaeDecoder": None}.items()}
+    targets, _ = decide(measured, 0, params(), {}, now=100.0)
+    # audio: 6 / 1.5 -> 4 (configured 4 would give 2); denoise: measured 3 is above the configured 2 -> 2 per
+    # replica -> 3; VAE: nothing reported -> configured 4 -> 2
+    assert targets == {"AudioEncoder": 4, "DenoiseStage0": 3, "VaeDecoder": 2}
+    assert decide(loads(held, same(1)), 0, params(), {}, now=100.0)[0] == {"AudioEncoder": 2, "DenoiseStage0": 3,
+                                                                            "VaeDecoder": 2}
+
+
 def test_parked_admissions_count_as_demand_even_from_zero_replicas() -> None:
     p = params(scale_to_zero=True, scale_to_zero_after_s=5.0)
     targets, _ = decide(loads(same(0), same(0), lo=0), 3, p, {}, now=1.0)
@@ -155,6 +167,11 @@ def test_serve_adapter_reads_newest_values_of_running_replicas_only() -> None:
     gw_id, gw = _ctx("Gateway", 1, {"waiting_sessions": {"g1": (0, 1)}}, ["g1"])
     decisions, states = policy({den_id: den, vae_id: vae, gw_id: gw})
     assert decisions == {den_id: 3, vae_id: 2}  # (4 + 1 waiting) / 2 -> 3 ; (4 + 1) / 4 -> 2
+    # The VAE replica measured that it serves 2 sessions in real time (its newest report; below the configured 4).
+    vae_id, vae = _ctx("VaeDecoder", 1, {"held_sessions": {"v1": (1, 4)}, "session_capacity": {"v1": (4, 2)}},
+                       ["v1"])
+    decisions, _ = policy({den_id: den, vae_id: vae, gw_id: gw})
+    assert decisions == {den_id: 3, vae_id: 3}  # (4 + 1) / 2 -> 3
     assert set(states) == {den_id, vae_id}
     # The deployment-level fallback sees only its own sessions.
     fallback = DeploymentSessionPolicy(capacity={"DenoiseStage0": 2}, headroom_fraction=0.0, headroom_sessions=0)

@@ -385,6 +385,12 @@ class SchedulingSection(_Strict):
     utilization: float = Field(0.9, gt=0, le=1, description="Share of a block's duration a stage may spend "
                                                             "computing when it estimates the real-time sessions it "
                                                             "can take (metric avatarserve_replica_realtime_capacity).")
+    admit_by: Literal["measured", "configured"] = Field(
+        "measured", description="Sessions a stage replica takes, for admission and the autoscaling policy. "
+                                "'measured': the real-time sessions its measured step cost allows (at least 1, at "
+                                "most capacity.<role>; capacity.<role> until its first block); beyond them "
+                                "CreateSession waits for a new replica or is refused (RESOURCE_EXHAUSTED). "
+                                "'configured': capacity.<role> as given.")
 
 
 class RoleCounts(_Strict):

@@ -13,6 +13,12 @@ capacity per replica; the fixed replica count without autoscaling). Every sessio
 not (an IDLE session keeps its promise of capacity), in `admitted:{deployment}` of the registry; CreateSession beyond
 it is refused at once (RESOURCE_EXHAUSTED: growing cannot help), in the same atomic step that reserves the slots.
 
+Sessions per replica (`replica_capacity`): with `scheduling.admit_by: measured` (the default) a stage replica
+registers the real-time sessions its measured step cost allows (engine/scheduler.py `realtime_capacity`), between 1
+and the configured `capacity.<role>`; so a replica whose forwards got slower (a busier machine, longer sessions)
+takes no new session it could not serve in real time, while the sessions it has go on. Before its first measured
+block it registers the configured number.
+
 A new stream re-validates the recorded route (`place_route`): a hop whose replica is gone (crashed, or stopped by a
 scale-down) or full is re-placed on another replica (the pipeline state is rebuilt per stream from the session
 store, so an idle session moves freely; a streaming session never moves: a stopping replica drains it).
@@ -28,10 +34,18 @@ from typing import Awaitable, Callable, Dict, List, Optional, TypeVar
 from avatarserve.serve.config import AppConfig
 from avatarserve.serve.control.registry import NoReplicaAvailableError, ReplicaRegistry, RouteHop
 
-__all__ = ["Admission", "AdmissionRefused"]
+__all__ = ["Admission", "AdmissionRefused", "replica_capacity"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def replica_capacity(configured: int, measured: Optional[int], admit_by: str) -> int:
+    """Sessions a stage replica takes: its measured real-time capacity within [1, configured] (`admit_by`
+    "measured", once measured), else the configured number."""
+    if admit_by != "measured" or measured is None:
+        return configured
+    return max(1, min(configured, int(measured)))
 
 
 class AdmissionRefused(Exception):

@@ -21,6 +21,10 @@ a load sitting on a boundary does not flap) and only after `down_k` stayed below
 (a waiting session brings it back: the gateway parks the call and reports it). Serve then applies each deployment's
 `min_replicas`/`max_replicas` (and its delays, which the app builder sets to 0 because this policy owns the timing).
 
+`capacity_k` is what the replicas of k report as `session_capacity` (the mean over the running ones): the real-time
+sessions their measured step cost allows (`scheduling.admit_by: measured`, the same number admission places by), at
+most the configured `capacity.<role>`, which is used as it is before any replica reported.
+
 `decide()` is a pure function of plain values (unit-tested); `SessionAutoscalingPolicy` adapts Serve's
 `AutoscalingContext`s to it. This module is pickled by value into the Serve controller: keep it free of heavy imports.
 """
@@ -33,6 +37,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 __all__ = [
     "AutoscalePolicyError",
+    "CAPACITY_METRIC",
     "DeploymentSessionPolicy",
     "HELD_SESSIONS_METRIC",
     "LIVE_SESSIONS_METRIC",
@@ -46,6 +51,7 @@ __all__ = [
 
 LIVE_SESSIONS_METRIC = "live_sessions"
 HELD_SESSIONS_METRIC = "held_sessions"
+CAPACITY_METRIC = "session_capacity"  # sessions one replica takes now (measured, or configured)
 WAITING_SESSIONS_METRIC = "waiting_sessions"
 
 _EPS = 1e-9
@@ -124,9 +130,10 @@ class StageLoad:
     held_sessions: float  # summed over running replicas
     min_replicas: int = 0
     max_replicas: int = 1_000_000
+    capacity: Optional[float] = None  # sessions per replica as its replicas report it (mean); None: none reported
 
 
-def replicas_for(sessions: float, capacity: int, headroom_fraction: float, headroom_sessions: int) -> int:
+def replicas_for(sessions: float, capacity: float, headroom_fraction: float, headroom_sessions: int) -> int:
     """Replicas needed to hold `sessions` with headroom (0 only when there is nothing to hold and no headroom)."""
     if sessions < 0:
         raise AutoscalePolicyError(f"sessions must be >= 0, got {sessions}")
@@ -147,6 +154,8 @@ def decide(loads: Mapping[str, StageLoad], waiting_sessions: float, params: Poli
         cap = params.capacity.get(dep)
         if cap is None:
             continue  # not ours to size
+        if load.capacity is not None and load.capacity >= 1:  # measured: never above the configured bound
+            cap = min(cap, load.capacity)
         st = dict(state.get(dep) or {})
         demand = max(0.0, float(load.held_sessions)) + max(0.0, float(waiting_sessions))
         up = replicas_for(demand, cap, params.headroom_fraction, params.headroom_sessions)
@@ -204,6 +213,15 @@ def _metric_sum(ctx: Any, name: str) -> float:
     return float(sum(agg.values()))
 
 
+def _metric_mean(ctx: Any, name: str) -> Optional[float]:
+    """Mean over the running replicas of the newest reported value of a custom metric; None if none reported."""
+    per_replica = (ctx.raw_metrics or {}).get(name) or {}
+    running = set(ctx.running_replicas or ())
+    values = [v for rid, series in per_replica.items() if not running or rid in running
+              for v in [_latest(series)] if v is not None]
+    return sum(values) / len(values) if values else None
+
+
 class SessionAutoscalingPolicy:
     """Application-level policy for Ray Serve (`autoscaling_policy: {policy_function: "...:SessionAutoscalingPolicy",
     policy_kwargs: {...}}`). Serve instantiates it once with `policy_kwargs` and calls it every control-loop tick with
@@ -227,7 +245,8 @@ class SessionAutoscalingPolicy:
             loads[name] = StageLoad(deployment=name, target_replicas=int(ctx.target_num_replicas),
                                     held_sessions=_metric_sum(ctx, HELD_SESSIONS_METRIC),
                                     min_replicas=int(ctx.capacity_adjusted_min_replicas),
-                                    max_replicas=int(ctx.capacity_adjusted_max_replicas))
+                                    max_replicas=int(ctx.capacity_adjusted_max_replicas),
+                                    capacity=_metric_mean(ctx, CAPACITY_METRIC))
             state[name] = {k: v for k, v in (ctx.policy_state or {}).items() if k in ("down_since", "idle_since")}
         if not now:
             import time
@@ -254,7 +273,8 @@ class DeploymentSessionPolicy:
         if name not in self.params.capacity:  # e.g. the gateway: keep Serve's current target
             return int(ctx.target_num_replicas), {}
         load = StageLoad(name, int(ctx.target_num_replicas), _metric_sum(ctx, HELD_SESSIONS_METRIC),
-                         int(ctx.capacity_adjusted_min_replicas), int(ctx.capacity_adjusted_max_replicas))
+                         int(ctx.capacity_adjusted_min_replicas), int(ctx.capacity_adjusted_max_replicas),
+                         capacity=_metric_mean(ctx, CAPACITY_METRIC))
         state = {k: v for k, v in (ctx.policy_state or {}).items() if k in ("down_since", "idle_since")}
         targets, new_state = decide({name: load}, 0.0, self.params, {name: state}, float(ctx.current_time or time.time()))
         return targets[name], new_state[name]

@@ -23,7 +23,8 @@ import time
 from typing import Any, Mapping, Optional
 
 from avatarserve.serve.config import AppConfig, ReplicaTimeouts
-from avatarserve.serve.control.autoscale import HELD_SESSIONS_METRIC, LIVE_SESSIONS_METRIC
+from avatarserve.serve.control.admission import replica_capacity
+from avatarserve.serve.control.autoscale import CAPACITY_METRIC, HELD_SESSIONS_METRIC, LIVE_SESSIONS_METRIC
 from avatarserve.serve.control.registry import ReplicaHeartbeat, ReplicaInfo, ReplicaRegistry
 from avatarserve.serve.dataplane.stage_host import BackgroundStageHost, StageHostConfig
 from avatarserve.serve.dataplane.stages import StageConfigError, StageSpec, TimedHandler, build_handler, resolve_handler_factory
@@ -118,9 +119,18 @@ class StageReplica:
             replica_id=self.replica_id,
             address=self.address,
             live_sessions=host.live_sessions,
-            capacity=self.spec.capacity,
+            capacity=self.capacity(),
             session_ids=tuple(host.session_ids()),
         )
+
+    def measured_capacity(self) -> Optional[int]:
+        """Real-time sessions by this replica's measured step cost (None before its first block, or for a handler
+        without a scheduler)."""
+        return getattr(self._bg.host.handler, "realtime_capacity", lambda: None)()
+
+    def capacity(self) -> int:
+        """Sessions this replica takes now (registry slots, the autoscaling policy's capacity)."""
+        return replica_capacity(self.spec.capacity, self.measured_capacity(), self.app.scheduling.admit_by)
 
     async def _start_registry(self) -> None:
         # Runs on the data-plane loop: the redis client, the heartbeat and the metrics task live there.
@@ -136,8 +146,9 @@ class StageReplica:
     async def _publish_metrics(self, interval_s: float) -> None:
         while True:
             try:
+                self.metrics.capacity = self.capacity()
                 self.metrics.snapshot(self._bg.host.stats(), self.reserved, self.draining)
-                measured = getattr(self._bg.host.handler, "realtime_capacity", lambda: None)()
+                measured = self.measured_capacity()
                 if measured is not None:
                     self.metrics.set("avatarserve_replica_realtime_capacity_sessions", measured)
             except Exception as exc:  # noqa: BLE001 - metrics must never take the data plane down
@@ -163,7 +174,8 @@ class StageReplica:
     async def status(self) -> dict[str, Any]:
         stats = await asyncio.wrap_future(self._bg.submit(self._stats()))
         stats.update(deployment=self.spec.deployment, replica_id=self.replica_id, heartbeats=self._heartbeat.beats if self._heartbeat else 0,
-                     reserved=self.reserved, draining=self.draining)
+                     reserved=self.reserved, draining=self.draining, measured_capacity=self.measured_capacity(),
+                     capacity=self.capacity())
         return stats
 
     async def _stats(self) -> dict[str, Any]:
@@ -173,7 +185,8 @@ class StageReplica:
         # Sessions per replica is the scaling signal (read across threads: a len() of a dict). Held = live + admitted
         # sessions that reserved a slot here and have not opened their stream yet.
         live = float(self._bg.host.live_sessions)
-        return {LIVE_SESSIONS_METRIC: live, HELD_SESSIONS_METRIC: live + float(self.reserved)}
+        return {LIVE_SESSIONS_METRIC: live, HELD_SESSIONS_METRIC: live + float(self.reserved),
+                CAPACITY_METRIC: float(self.capacity())}
 
     def check_health(self) -> None:
         if not self._bg.alive:
