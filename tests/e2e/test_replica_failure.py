@@ -57,7 +57,9 @@ def faults_app(serve_instance, redis_server):
            "autoscaling": {"enabled": False}, "ops": {"enabled": False},
            "recovery": {"replay_blocks": {"audio": 16, "denoise": 16, "vae": 16}},
            "timeouts": {"session_drain_s": 30},
-           "scheduling": {"max_batch": 1}}  # the second session is compared bit for bit (no batched forwards)
+           # max_batch 1: the second session is compared bit for bit (no batched forwards); admit_by configured: a
+           # lost hop's session moves to the surviving replica at once, whatever this machine measures.
+           "scheduling": {"max_batch": 1, "admit_by": "configured"}}
     serve.run(build_app(cfg), name=APP, route_prefix="/faults", blocking=False)
     try:
         wait_running([APP], redis_server.url, NS)

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from avatarserve.engine.scheduler import SchedulerClosed, StageScheduler, StepCosts
+from avatarserve.engine.scheduler import SchedulerClosed, StageScheduler, StepCosts, sessions_by_memory
 
 WAIT_S = 60.0  # a bound for a future that must complete (work here takes microseconds)
 
@@ -167,6 +167,23 @@ def test_deadline_slack_and_misses_are_counted_and_reported():
         sched.close()
 
 
+def test_snapshot_shows_what_waits_per_session():
+    sched = _scheduler(_Recorder(), max_batch=1, clock=lambda: 0.0)
+    try:
+        release = _held(sched)
+        futs = [sched.submit("a", "a0", 5.0), sched.submit("a", "a1", 6.0), sched.submit("b", "b0", 7.0)]
+        snap = sched.snapshot()
+        assert snap["queued"] == {"a": {"blocks": 2, "head_deadline": 5.0}, "b": {"blocks": 1, "head_deadline": 7.0}}
+        assert snap["calls_queued"] == 0 and snap["blocks_done"] == 0
+        release.set()
+        for f in futs:
+            f.result(WAIT_S)
+        snap = sched.snapshot()
+        assert snap["queued"] == {} and snap["blocks_done"] == 3 and snap["step_costs"][1]["count"] == 3
+    finally:
+        sched.close()
+
+
 def test_close_fails_queued_work_and_refuses_more():
     sched = _scheduler(_Recorder(), max_batch=1)
     release = _held(sched)
@@ -208,3 +225,13 @@ def test_realtime_capacity_from_measured_cost(max_batch, expected):
         assert sched.realtime_capacity(cap=3) == 3
     finally:
         sched.close()
+
+
+def test_sessions_by_memory_counts_what_free_memory_takes_after_the_activations():
+    gb = 1 << 30
+    # 40 GB free, 2 sessions held, 12.5 GB per session, 4 GB kept for a forward's activations: 2 more fit
+    assert sessions_by_memory(free_bytes=40 * gb, live_sessions=2, session_bytes=int(12.5 * gb),
+                              activation_bytes=4 * gb) == 4
+    assert sessions_by_memory(free_bytes=gb, live_sessions=3, session_bytes=2 * gb, activation_bytes=2 * gb) == 3
+    with pytest.raises(ValueError):
+        sessions_by_memory(free_bytes=gb, live_sessions=0, session_bytes=0)

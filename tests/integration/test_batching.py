@@ -57,7 +57,8 @@ def batching_app(serve_instance, redis_server):
            "replicas": {"gateway": 1, "audio": 1, "denoise": 1, "vae": 1},
            "resources": {"audio": {"num_cpus": 0.05}, "denoise": {"num_cpus": 0.05}, "vae": {"num_cpus": 0.05}},
            "autoscaling": {"enabled": False}, "ops": {"enabled": False},
-           "scheduling": {"max_batch": 4}, "timeouts": {"session_drain_s": 30}}
+           # admit_by configured: about batching, not admission (three sessions whatever this machine measures)
+           "scheduling": {"max_batch": 4, "admit_by": "configured"}, "timeouts": {"session_drain_s": 30}}
     serve.run(build_app(cfg), name=APP, route_prefix=f"/{APP}", blocking=False)
     try:
         wait_running([APP], redis_server.url, NS)

@@ -1,7 +1,7 @@
-"""Admission by measured capacity (`scheduling.admit_by: measured`) on a real cluster: before its first block a stage
-replica takes its configured sessions; once it has run blocks it registers the real-time sessions its measured step
-cost allows, and CreateSession beyond them is refused with RESOURCE_EXHAUSTED and a retry hint (autoscaling is off
-here, so waiting cannot help), while a session already admitted keeps streaming. Closing a session frees its slot.
+"""Admission by measured capacity (`scheduling.admit_by: measured`) on a real cluster: a stage replica times itself
+on synthetic sessions while it starts and registers the real-time sessions its measured step cost allows, before any
+session exists; CreateSession beyond them is refused with RESOURCE_EXHAUSTED and a retry hint (autoscaling is off
+here, so waiting cannot help), while an admitted session streams. Closing sessions frees their slots.
 
 The app lets a stage compute for 0.1% of a block's duration (`scheduling.utilization`), so a replica of the tiny
 model measures a real-time capacity below its configured 4 on any machine (the assertions use what each replica
@@ -71,27 +71,21 @@ def _speech(seconds: float) -> np.ndarray:
 
 def test_admission_follows_the_measured_real_time_capacity(measured_app):
     stages = measured_app["stages"]
-    before = {dep: _status(dep) for dep in stages}
-    assert all(s["measured_capacity"] is None and s["capacity"] == CONFIGURED for s in before.values()), before
+    # Each replica timed itself on synthetic sessions while it started: measured before any session exists.
+    measured = {dep: _status(dep) for dep in stages}
+    for dep, s in measured.items():
+        assert s["measured_capacity"] is not None and s["scheduler"]["blocks_done"] == 0, (dep, s)
+        assert s["capacity"] == max(1, min(CONFIGURED, s["measured_capacity"])), (dep, s)
+    expected = {dep: s["capacity"] for dep, s in measured.items()}
+    assert min(expected.values()) < CONFIGURED, measured  # 0.1% of a block is less than any forward
+
+    deadline = time.monotonic() + REGISTRY_WAIT_S
+    while _registered(measured_app["redis_url"], stages) != expected and time.monotonic() < deadline:
+        time.sleep(HEARTBEAT_S / 2)
+    assert _registered(measured_app["redis_url"], stages) == expected
 
     with AvatarClient(measured_app["grpc"], application=APP, timeout=300) as client:
-        first = client.session(png(31), seed=1)
-        blocks = list(first.stream(chunk_pcm(_speech(2.0), chunk_ms=200), timeout=300))
-        assert blocks
-
-        after = {dep: _status(dep) for dep in stages}
-        for dep, s in after.items():
-            assert s["measured_capacity"] is not None, (dep, s)
-            assert s["capacity"] == max(1, min(CONFIGURED, s["measured_capacity"])), (dep, s)
-        expected = {dep: s["capacity"] for dep, s in after.items()}
-        assert min(expected.values()) < CONFIGURED, after  # 0.1% of a block is less than any forward
-
-        deadline = time.monotonic() + REGISTRY_WAIT_S
-        while _registered(measured_app["redis_url"], stages) != expected and time.monotonic() < deadline:
-            time.sleep(HEARTBEAT_S / 2)
-        assert _registered(measured_app["redis_url"], stages) == expected
-
-        # `first` streamed and went idle: it holds no slot. Fill the smallest stage, then one more is refused.
+        # Fill the smallest stage; one more session is refused at once with the retry hint.
         held = [client.session(png(40 + i), seed=10 + i) for i in range(min(expected.values()))]
         t0 = time.monotonic()
         with pytest.raises(CapacityExhausted) as refused:
@@ -101,10 +95,26 @@ def test_admission_follows_the_measured_real_time_capacity(measured_app):
         assert "capacity" in str(refused.value)
         print(f"\n[measured capacity] per stage {expected} (configured {CONFIGURED}); refused in {refusal_s:.3f} s")
 
-        # Closing the sessions that hold the slots frees them: a new session is admitted and streams.
+        # An admitted session streams; live blocks refine the measurement (and the capacity stays measured).
+        assert list(held[0].stream(chunk_pcm(_speech(2.0), chunk_ms=200), timeout=300))
+        after = {dep: _status(dep) for dep in stages}
+        for dep, s in after.items():
+            assert s["scheduler"]["blocks_done"] > 0, (dep, s)
+            assert s["capacity"] == max(1, min(CONFIGURED, s["measured_capacity"])), (dep, s)
+
+        # Closing the sessions that hold the slots frees them: a new session is admitted and streams. A replica
+        # reports a stream's end at its next heartbeat, so a create right after may still be refused: a client
+        # retries after the hint, as this one does.
         for s in held:
             s.close()
-        again = client.session(png(51), seed=51)
+        deadline = time.monotonic() + REGISTRY_WAIT_S
+        while True:
+            try:
+                again = client.session(png(51), seed=51)
+                break
+            except CapacityExhausted as exc:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(exc.retry_after_s)
         assert list(again.stream(chunk_pcm(_speech(1.0), chunk_ms=200), timeout=300))
         again.close()
-        first.close()

@@ -85,3 +85,30 @@ def test_block_deadline_reads_the_gateway_stamp_and_falls_back_to_now():
     for bad in ({}, {DEADLINE_KEY: "soon"}, {DEADLINE_KEY: "nan"}, {DEADLINE_KEY: "inf"}):
         t0 = time.time()
         assert t0 <= block_deadline(BlockItem(block_index=0, pts_ms=0, tensors={}, metadata=bad)) <= time.time()
+
+
+@pytest.mark.parametrize("kind", ["audio", "denoise0", "denoise_last", "vae"])
+def test_a_replica_measures_its_costs_on_synthetic_sessions_before_any_real_one(kind, redis_server):
+    """What `scheduling.admit_by: measured` starts from: the stage's batch timed at 1 and max_batch sessions, and no
+    synthetic session left behind."""
+    from avatarserve.serve.dataplane.handlers import AudioEncoderHandler, VaeDecoderHandler
+
+    torch.set_num_threads(1)
+    config = _config(redis_server.url, max_batch=3)
+    if kind == "audio":
+        handler = AudioEncoderHandler({**config, "name": "AudioEncoder", "step": None})
+    elif kind == "vae":
+        handler = VaeDecoderHandler({**config, "name": "VaeDecoder", "step": None})
+    else:
+        last = build_bundle("tiny", seed=0).stream.num_steps - 1
+        handler = DenoiseStageHandler({**config, "step": 0 if kind == "denoise0" else last})
+    try:
+        assert handler.realtime_capacity() is None
+        handler.measure_costs()
+        costs = handler.scheduler.costs.snapshot()
+        assert set(costs) == {1, 3} and all(c["count"] == 1 and c["seconds"] > 0 for c in costs.values()), costs
+        assert handler.realtime_capacity() is not None
+        assert len(handler.runner.sessions) == 0 and handler.live_sessions() == 0
+        assert handler.scheduler.blocks_done == 0  # not counted as served blocks (nor their deadlines)
+    finally:
+        handler.shutdown()

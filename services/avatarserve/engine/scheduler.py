@@ -34,9 +34,18 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 
-__all__ = ["BatchReport", "SchedulerClosed", "StageScheduler", "StepCosts"]
+__all__ = ["BatchReport", "SchedulerClosed", "StageScheduler", "StepCosts", "sessions_by_memory"]
 
 MAX_CAPACITY = 4096  # the most sessions realtime_capacity reports (a stage whose calls cost next to nothing)
+
+
+def sessions_by_memory(*, free_bytes: int, live_sessions: int, session_bytes: int, activation_bytes: int = 0) -> int:
+    """Sessions a replica's accelerator memory holds: those it holds now plus as many more state allocations
+    (KV cache, decoder cache) of `session_bytes` as its free memory takes after keeping `activation_bytes` (the
+    largest forward's activations seen) free."""
+    if session_bytes <= 0:
+        raise ValueError("session_bytes must be > 0")
+    return max(0, live_sessions) + max(0, int(free_bytes) - max(0, int(activation_bytes))) // int(session_bytes)
 
 
 class SchedulerClosed(RuntimeError):
@@ -182,6 +191,16 @@ class StageScheduler:
     def queued(self) -> int:
         with self._cv:
             return sum(len(q.works) for q in self._queues.values())
+
+    def snapshot(self) -> Dict[str, Any]:
+        """What waits and what was done (for a replica's status): blocks queued per session with the head's
+        deadline, calls queued, totals, measured costs."""
+        with self._cv:
+            queued = {sid: {"blocks": len(q.works), "head_deadline": q.works[0].deadline}
+                      for sid, q in self._queues.items()}
+            calls = len(self._calls)
+        return {"queued": queued, "calls_queued": calls, "blocks_done": self.blocks_done,
+                "deadline_misses": self.deadline_misses, "step_costs": self.costs.snapshot()}
 
     # ----- capacity ---------------------------------------------------------------------------------------------
     def realtime_capacity(self, cap: Optional[int] = None) -> Optional[int]:

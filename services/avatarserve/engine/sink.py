@@ -132,3 +132,15 @@ def prepare_sink(vae, image, text: torch.Tensor, seed: int, stream: StreamConfig
     if text.dim() == 2:
         text = text.unsqueeze(0)
     return SinkState(reference=reference.float(), motion=motion.float(), text=text.float(), seed=int(seed))
+
+
+def synthetic_sink(in_dim: int, motion_latent_frames: int, text_dim: int, stream: StreamConfig, *,
+                   text_tokens: int = 32, seed: int = 0) -> SinkState:
+    """A sink of the right shapes with random contents: a stage times its forward on sessions made from it before
+    real ones arrive (serving: measured capacity). Never shown to anyone."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = stream.latent_height, stream.latent_width
+    return SinkState(reference=0.5 * torch.randn(1, in_dim, 1, h, w, generator=g),
+                     motion=0.5 * torch.randn(1, in_dim, motion_latent_frames, h, w, generator=g),
+                     text=0.1 * torch.randn(1, text_tokens, text_dim, generator=g), seed=seed,
+                     aas_latent=0.5 * torch.randn(1, in_dim, 1, h, w, generator=g))  # blocks past aas_after_blocks run

@@ -387,10 +387,10 @@ class SchedulingSection(_Strict):
                                                             "can take (metric avatarserve_replica_realtime_capacity).")
     admit_by: Literal["measured", "configured"] = Field(
         "measured", description="Sessions a stage replica takes, for admission and the autoscaling policy. "
-                                "'measured': the real-time sessions its measured step cost allows (at least 1, at "
-                                "most capacity.<role>; capacity.<role> until its first block); beyond them "
-                                "CreateSession waits for a new replica or is refused (RESOURCE_EXHAUSTED). "
-                                "'configured': capacity.<role> as given.")
+                                "'measured': the real-time sessions its measured step cost (timed on synthetic "
+                                "sessions at start-up, then on live blocks) and, on CUDA, its free memory allow; at "
+                                "least 1, at most capacity.<role>. Beyond them CreateSession waits for a new replica "
+                                "or is refused (RESOURCE_EXHAUSTED). 'configured': capacity.<role> as given.")
 
 
 class RoleCounts(_Strict):

@@ -16,8 +16,9 @@ it is refused at once (RESOURCE_EXHAUSTED: growing cannot help), in the same ato
 Sessions per replica (`replica_capacity`): with `scheduling.admit_by: measured` (the default) a stage replica
 registers the real-time sessions its measured step cost allows (engine/scheduler.py `realtime_capacity`), between 1
 and the configured `capacity.<role>`; so a replica whose forwards got slower (a busier machine, longer sessions)
-takes no new session it could not serve in real time, while the sessions it has go on. Before its first measured
-block it registers the configured number.
+takes no new session it could not serve in real time, while the sessions it has go on. A replica times itself on
+synthetic sessions while it starts (phase "measuring"), so a burst of sessions at start-up is already admitted by
+measurement; if that fails it registers the configured number until its first blocks.
 
 A new stream re-validates the recorded route (`place_route`): a hop whose replica is gone (crashed, or stopped by a
 scale-down) or full is re-placed on another replica (the pipeline state is rebuilt per stream from the session

@@ -7,7 +7,8 @@ that blocks until the model is loaded):
                                               started_ms, phase_ms, updated_ms, error
 
 Phases: "starting" (constructor entered), "serving" (data-plane server listening), "importing" (the handler's
-module), "loading" (building the model / reading weights), "registering", "ready", "failed". While a replica is
+module), "loading" (building the model / reading weights), "measuring" (timing the stage's forward on synthetic
+sessions, for its measured capacity), "registering", "ready", "failed". While a replica is
 starting, a daemon thread refreshes the record every `REFRESH_S`, and the record expires `LIVE_TTL_S` after the
 last refresh: a replica process that dies stops being shown. Records of ready and failed replicas are kept for
 `DONE_TTL_S`, so the launcher can show them and name the failing replica, its exception and its log file.
@@ -29,7 +30,7 @@ __all__ = ["PHASES", "StartupRecord", "StartupReporter", "read_startup_records"]
 
 log = logging.getLogger(__name__)
 
-PHASES = ("starting", "serving", "importing", "loading", "registering", "ready", "failed")
+PHASES = ("starting", "serving", "importing", "loading", "measuring", "registering", "ready", "failed")
 REFRESH_S = 5.0
 LIVE_TTL_S = 30.0
 DONE_TTL_S = 900.0

@@ -33,7 +33,8 @@ from avatarserve.engine.bundle import ModelBundle, build_bundle
 from avatarserve.engine.errors import BlockOrderError, EngineError, InvalidInput, SessionExists, SessionNotFound
 from avatarserve.model.text_encoder import PromptError
 from avatarserve.engine.runners import AudioEncoderRunner, BlockPayload, DecoderRunner, StageRunner, adaptive_sink_latent
-from avatarserve.engine.scheduler import BatchReport, StageScheduler
+from avatarserve.engine.sink import synthetic_sink
+from avatarserve.engine.scheduler import BatchReport, StageScheduler, sessions_by_memory
 from avatarserve.serve.config import ModelSection, RedisTimeouts, format_validation_error, resolve_redis_url
 from avatarserve.serve.control.redis_client import RedisOutage, RedisUnavailableError
 from avatarserve.serve.dataplane.media import encode_h264_block, encode_jpeg_frames
@@ -119,11 +120,16 @@ class _EngineHandler:
         self.name = self.config.name
         torch.set_num_threads(self.config.torch_threads)
         self._metrics: Any = None
-        self.scheduler = StageScheduler(self._batch, max_batch=self.config.max_batch,
+        self.scheduler = StageScheduler(self._measured_batch, max_batch=self.config.max_batch,
                                         block_seconds=self.stream.block_seconds, utilization=self.config.utilization,
                                         name=self.name, on_batch=self._on_batch)
         self._store: Optional[SessionStore] = None
         self.session_options: Dict[str, dict] = {}
+        # Accelerator memory per session (its state allocation, measured at its creation) and the most a batch
+        # took beyond what was allocated before it; CUDA only (a CPU replica's sessions live in host RAM).
+        self._cuda = torch.device(model.device).type == "cuda"
+        self.session_bytes: Optional[int] = None
+        self.activation_bytes = 0
 
     @property
     def store(self) -> SessionStore:
@@ -170,9 +176,92 @@ class _EngineHandler:
         for slack in report.slacks_s:
             m.observe("avatarserve_stage_deadline_slack_seconds", slack)
 
+    def _measured_batch(self, works: List[Any]) -> Sequence[Any]:
+        """`_batch`, recording on CUDA the activation memory it took (peak minus allocated before)."""
+        if not self._cuda:
+            return self._batch(works)
+        device = torch.device(self.config.model.device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = self._batch(works)
+        self.activation_bytes = max(self.activation_bytes, torch.cuda.max_memory_allocated(device) - before)
+        return out
+
+    def _session_state_bytes(self, session_id: str) -> Optional[int]:
+        """Bytes of a session's state on this replica (a denoise stage's KV cache, the decoder's causal cache)."""
+        return None
+
+    def _measure_session(self, session_id: str) -> None:
+        if self._cuda and self.session_bytes is None:
+            self.session_bytes = self._session_state_bytes(session_id)
+
+    def memory_capacity(self) -> Optional[int]:
+        """Sessions this replica's accelerator memory holds (None on CPU, or before its first session)."""
+        if not self._cuda or not self.session_bytes:
+            return None
+        device = torch.device(self.config.model.device)
+        free, _ = torch.cuda.mem_get_info(device)
+        # memory this process's caching allocator holds but no tensor uses is free for new sessions too
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return sessions_by_memory(free_bytes=free, live_sessions=self.live_sessions(),
+                                  session_bytes=self.session_bytes, activation_bytes=self.activation_bytes)
+
+    # ----- measuring the stage before its first session ------------------------------------------------------
+    def measure_costs(self) -> None:
+        """Time this stage's batch on synthetic sessions at batch 1 and `max_batch` (each size once untimed first:
+        allocator and kernel warm-up), on the compute thread, so its real-time capacity is known before the first
+        session arrives; live blocks refine it. Blocking, no time limit (a slow machine takes longer, not fails)."""
+        self.scheduler.call(self._measure_costs).result()
+
+    def _measure_costs(self) -> None:
+        # max_batch sessions, made at the block from which the adaptive sink is in force (so no block re-prefills
+        # the sink inside a timed forward); each size runs once untimed (allocator, kernels), then once timed.
+        st = self.stream
+        start = st.aas_after_blocks if st.adaptive_sink else 0
+        sids = [f"{MEASURE_PREFIX}{i}" for i in range(self.config.max_batch)]
+        next_block: Dict[str, int] = {}
+
+        def run(batch: List[str]) -> float:
+            works = [self._synthetic_work(sid, next_block[sid]) for sid in batch]
+            t0 = time.perf_counter()
+            results = self._measured_batch(works)
+            seconds = time.perf_counter() - t0
+            failed = next((r for r in results if isinstance(r, BaseException)), None)
+            if failed is not None:
+                raise failed
+            for sid in batch:
+                next_block[sid] += 1
+            return seconds
+
+        try:
+            for sid in sids:
+                self._synthetic_session(sid, start)
+                next_block[sid] = start
+                self._measure_session(sid)
+            for n in sorted({1, len(sids)}):
+                run(sids[:n])
+                self.scheduler.costs.record(n, run(sids[:n]))
+        finally:
+            for sid in next_block:
+                self.runner.close(sid)
+
+    def _synthetic_sink(self):
+        cfg = self.bundle.model_config
+        # (the text is zero-padded to text_len in the model: its length does not change the cost)
+        return synthetic_sink(cfg.in_dim, cfg.motion_latent_frames, cfg.text_dim, self.stream,
+                              text_tokens=min(32, cfg.text_len))
+
+    def _synthetic_session(self, session_id: str, start_block: int) -> None:
+        raise NotImplementedError
+
+    def _synthetic_work(self, session_id: str, block_index: int) -> Any:
+        raise NotImplementedError
+
     def realtime_capacity(self) -> Optional[int]:
-        """Real-time sessions this replica can serve by its measured step cost (None before its first block)."""
-        return self.scheduler.realtime_capacity()
+        """Real-time sessions this replica can serve: by its measured step cost, and no more than its accelerator
+        memory holds (None before anything was measured)."""
+        known = [c for c in (self.scheduler.realtime_capacity(), self.memory_capacity()) if c is not None]
+        return min(known) if known else None
 
     def shutdown(self) -> None:
         self.scheduler.close()
@@ -222,6 +311,13 @@ class AudioEncoderHandler(_EngineHandler):
         opts = self._options(session_id, config)
         await self._run(self.runner.create, session_id, self._start_block(opts))
 
+    def _synthetic_session(self, session_id: str, start_block: int) -> None:
+        self.runner.create(session_id, start_block)
+
+    def _synthetic_work(self, session_id: str, block_index: int) -> Any:
+        pcm = 0.1 * np.random.default_rng(0).standard_normal(self.stream.samples_per_block).astype(np.float32)
+        return self._encode, (session_id, pcm)
+
     def _encode(self, session_id: str, pcm: np.ndarray) -> Optional[BlockPayload]:
         self.runner.push(session_id, pcm)
         return self.runner.next_block(session_id)
@@ -259,6 +355,21 @@ class DenoiseStageHandler(_EngineHandler):
         sink = await self._sink(session_id)
         self.board.open(session_id)
         await self._run(self.runner.create, session_id, sink, self._start_block(opts))
+        self._measure_session(session_id)
+
+    def _session_state_bytes(self, session_id: str) -> Optional[int]:
+        return self.runner.sessions.get(session_id).cache.nbytes()
+
+    def _synthetic_session(self, session_id: str, start_block: int) -> None:
+        self.runner.create(session_id, self._synthetic_sink(), start_block)
+
+    def _synthetic_work(self, session_id: str, block_index: int) -> Any:
+        cfg, st = self.bundle.model_config, self.stream
+        g = torch.Generator().manual_seed(1)
+        audio = 0.1 * torch.randn(1, cfg.audio_num_layers, cfg.audio_dim, st.frames_per_block, generator=g)
+        latents = None if self.runner.is_first else torch.randn((1,) + st.latent_shape(cfg.in_dim), generator=g)
+        return BlockPayload(session_id=session_id, block_index=block_index, pts_ms=0, audio=audio, latents=latents,
+                            steps_done=self.step)
 
     async def on_control(self, session_id: str, item: ControlItem) -> None:
         self.board.publish(session_id, item)
@@ -368,6 +479,20 @@ class VaeDecoderHandler(_EngineHandler):
         opts = self._options(session_id, config)
         sink = await self._sink(session_id)
         await self._run(self.runner.create, session_id, sink, self._start_block(opts))
+        self._measure_session(session_id)
+
+    def _session_state_bytes(self, session_id: str) -> Optional[int]:
+        return self.runner.sessions.get(session_id).state.nbytes()
+
+    def _synthetic_session(self, session_id: str, start_block: int) -> None:
+        self.runner.create(session_id, self._synthetic_sink(), start_block)
+
+    def _synthetic_work(self, session_id: str, block_index: int) -> Any:
+        g = torch.Generator().manual_seed(2)
+        latents = torch.randn((1,) + self.stream.latent_shape(self.bundle.model_config.in_dim), generator=g)
+        payload = BlockPayload(session_id=session_id, block_index=block_index, pts_ms=0, audio=torch.zeros(0),
+                               latents=latents)
+        return session_id, payload, False  # encoded as a real block is (JPEG at the default quality)
 
     def _batch(self, works: List[Any]) -> List[Any]:
         """(session, payload, replay) of different sessions: decoded as one batch where their streams allow, then
@@ -408,6 +533,9 @@ class VaeDecoderHandler(_EngineHandler):
         meta.update(num_frames=str(self.stream.frames_per_block), width=str(self.stream.width),
                     height=str(self.stream.height))
         return [BlockItem(block_index=item.block_index, pts_ms=item.pts_ms, metadata=meta, tensors=tensors)]
+
+
+MEASURE_PREFIX = "measure:"  # ids of the synthetic sessions a replica times itself on (never registered)
 
 
 def block_deadline(item: BlockItem) -> float:

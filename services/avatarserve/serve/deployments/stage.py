@@ -110,7 +110,18 @@ class StageReplica:
         self._startup.report("importing", self.spec.handler)
         factory = resolve_handler_factory(self.spec)
         self._startup.report("loading", _describe_model(self.spec.handler_config))
-        return TimedHandler(build_handler(self.spec, factory), self.metrics)
+        handler = build_handler(self.spec, factory)
+        measure = getattr(handler, "measure_costs", None)
+        if measure is not None and self.app.scheduling.admit_by == "measured":
+            # Admission uses the measured capacity: know it before the first session (a burst at start-up would
+            # otherwise be admitted up to the configured capacity).
+            self._startup.report("measuring")
+            try:
+                measure()
+            except Exception as exc:  # noqa: BLE001 - live blocks measure it instead; never a reason not to serve
+                log.warning("%s: timing the stage on synthetic sessions failed (%s: %s); its capacity is the "
+                            "configured one until its first blocks", self.name, type(exc).__name__, exc)
+        return TimedHandler(handler, self.metrics)
 
     def _info(self) -> ReplicaInfo:
         host = self._bg.host
@@ -176,6 +187,9 @@ class StageReplica:
         stats.update(deployment=self.spec.deployment, replica_id=self.replica_id, heartbeats=self._heartbeat.beats if self._heartbeat else 0,
                      reserved=self.reserved, draining=self.draining, measured_capacity=self.measured_capacity(),
                      capacity=self.capacity())
+        scheduler = getattr(self._bg.host.handler, "scheduler", None)
+        if scheduler is not None:
+            stats["scheduler"] = scheduler.snapshot()
         return stats
 
     async def _stats(self) -> dict[str, Any]:
