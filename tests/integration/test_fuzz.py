@@ -60,9 +60,10 @@ EXTREME_GAP_MS = 3_600_000
 UNARY_DEADLINE_S = 60.0  # one unary call; a busy 2-core machine is slow, a healthy server never gets near it
 STREAM_DEADLINE_S = 120.0  # one fuzz stream (at most ~20 s of audio); hitting it means the server hung
 LOCK_RELEASE_WAIT_S = 30.0  # after a cancelled stream, how long its session's stream lock may take to come free
-# One reference stream (6 blocks). It shares the stages with the fuzzer's streams, whose blocks are ahead of it in
-# each stage's queue, so on a busy machine it can take minutes; the bound only keeps a real hang from running forever.
-REFERENCE_TIMEOUT_S = 900.0
+# One reference stream (6 blocks, ~2 s here). It shares the stages with the fuzzer's streams: a stage serves late
+# blocks of different sessions in turn, so each of its blocks waits for at most one block of every other stream per
+# stage. The bound keeps a starved or hung stream from running for the rest of the test.
+REFERENCE_TIMEOUT_S = 300.0
 RSS_GROWTH_BOUND = 0.05  # of the post-warm-up RSS
 # Inputs of more than this many bytes (16 MiB images, 8 MiB pcm) go in the warm-up pass only: each one moves the
 # allocator's high-water mark (glibc raises its mmap threshold after freeing a big block, so later big buffers come
@@ -553,6 +554,28 @@ def _ref_speech() -> bytes:
     return (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
 
 
+def _stage_statuses() -> Dict[str, object]:
+    """Every stage replica's status (sessions, queues, scheduler) and the gateway's stream tasks with the awaits they
+    are suspended in: what a failed reference run is reported with."""
+    from ray import serve
+
+    out: Dict[str, object] = {}
+    try:  # where the gateway's stream tasks wait (the stream side of a stuck run)
+        tasks = serve.get_deployment_handle("Gateway", app_name=APP).debug_tasks.remote().result(timeout_s=60)
+        out["Gateway"] = [t for t in tasks if any(m in a for a in t["awaiting"]
+                                                  for m in ("servicer.py", "stream_controller.py", "recovery.py"))]
+    except Exception as exc:  # noqa: BLE001 - a diagnostic: report what could not be read
+        out["Gateway"] = f"{type(exc).__name__}: {exc}"
+    for name in serve.status().applications[APP].deployments:
+        if name in ("Gateway", "SinkFrameCache"):
+            continue
+        try:
+            out[name] = serve.get_deployment_handle(name, app_name=APP).status.remote().result(timeout_s=60)
+        except Exception as exc:  # noqa: BLE001 - a diagnostic: report what could not be read
+            out[name] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
 def _reference_run(api: Api, image: bytes, pcm: bytes) -> List[Tuple[int, int, Tuple[bytes, ...]]]:
     s = _create(api, image=image, seed=REF_SEED)
     try:
@@ -903,6 +926,7 @@ def test_public_api_survives_hostile_inputs(cluster, redis_server, capsys):
     stop = threading.Event()
     ref_runs: List[List] = []
     ref_errors: List[str] = []
+    ref_diagnostics: List[Dict[str, object]] = []
 
     ref_seconds: List[float] = []
 
@@ -915,6 +939,10 @@ def test_public_api_survives_hostile_inputs(cluster, redis_server, capsys):
                     ref_runs.append(_reference_run(ref_api, ref_image, ref_pcm))
                 except BaseException as exc:  # noqa: BLE001 - reported below
                     ref_errors.append(f"after {time.monotonic() - t:.0f} s: {type(exc).__name__}: {exc}")
+                    try:
+                        ref_diagnostics.append(_stage_statuses())
+                    except Exception as diag_exc:  # noqa: BLE001
+                        ref_diagnostics.append({"error": repr(diag_exc)})
                 ref_seconds.append(round(time.monotonic() - t, 1))
         finally:
             ref_api.close()
@@ -974,7 +1002,8 @@ def test_public_api_survives_hostile_inputs(cluster, redis_server, capsys):
     if restarted or appeared:
         failures.append(f"Serve actors restarted or replaced: {restarted} {appeared}")
     if ref_errors or not ref_runs:
-        failures.append(f"the reference session failed during the fuzzing: {ref_errors}")
+        failures.append(f"the reference session failed during the fuzzing: {ref_errors}; stage replicas then: "
+                        + json.dumps(ref_diagnostics, indent=1, default=str)[:20000])
     differing = [i for i, run in enumerate(ref_runs) if run != quiet]
     if differing:
         failures.append(f"reference runs {differing} of {len(ref_runs)} during the fuzzing differ from the quiet run")

@@ -389,3 +389,53 @@ async def test_a_drained_close_while_a_receive_is_pending_still_ends_cleanly() -
     finally:
         for host in hosts.values():
             await host.stop(grace_s=0.5)
+
+
+async def test_when_every_block_came_back_a_withheld_end_of_stream_ends_the_stream_after_end_wait() -> None:
+    """Seen under load: every hop ended the session cleanly, yet the gateway's read of the first hop's call never
+    returned the end-of-stream (the stream then hung until the client's deadline). With the input ended and nothing
+    in flight, the pipe waits `end_wait_s` for it, then ends by itself; a receive already waiting when the input
+    ends gets that deadline too."""
+    handlers = {n: _Recorder(n) for n in ("a", "b")}
+    hosts = {n: StageHost(h, StageHostConfig(name=n, transport=TransportOptions(queue_size=2, open_timeout_s=5.0)))
+             for n, h in handlers.items()}
+    for host in hosts.values():
+        await host.start()
+
+    class WithheldEnd:
+        """The real pipe, except that its end-of-stream never reaches the caller."""
+
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        async def receive(self):
+            item = await self.inner.receive()
+            if item is None:
+                await asyncio.Event().wait()
+            return item
+
+    try:
+        async with PipelineClient(TransportOptions(queue_size=2, open_timeout_s=5.0)) as client:
+            async def open_at(start):
+                return WithheldEnd(await client.open("s-withheld", [hosts["a"].address, hosts["b"].address], b"{}"))
+
+            async def reroute(err):
+                raise err
+
+            pipe = await RecoveringPipe("s-withheld", open_at, reroute, replay_blocks=2, max_recoveries=1,
+                                        stall_s=60.0, end_wait_s=0.5).open()
+            for b in range(3):
+                await pipe.send(_block(b))
+            assert [(await pipe.receive()).block_index for _ in range(3)] == [0, 1, 2]
+            waiting = asyncio.create_task(pipe.receive())  # nothing in flight, input not ended: no deadline yet
+            await asyncio.sleep(0)
+            await pipe.end("end_of_input")
+            assert await asyncio.wait_for(waiting, 30) is None  # 0.5 s after the end, not the stall's 60 s
+            await pipe.close(drain_s=5.0)
+        await _assert_every_hop_freed(handlers, hosts)
+    finally:
+        for host in hosts.values():
+            await host.stop(grace_s=0.5)

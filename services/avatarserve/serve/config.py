@@ -164,6 +164,11 @@ class TimeoutsConfig(ReplicaTimeouts):
         description="How often an open stream writes its live counters to the session store and checks for a "
                     "close request (CloseSession or the idle sweep, from any gateway replica): bounds how stale "
                     "GetSession's counters are and how long a stream takes to end after CloseSession.")
+    pipe_end_s: float = Field(
+        10.0, gt=0,
+        description="Once a stream's input ended and every block it sent came back, how long the gateway waits for "
+                    "its pipeline's end-of-stream (a healthy pipeline sends it right after the last block) before "
+                    "it ends the stream itself, with a WARNING in its log.")
     close_wait_s: float = Field(
         10.0, gt=0,
         description="How long CloseSession (or the idle sweep) waits for the session's open stream, on whichever "

@@ -577,7 +577,7 @@ class Gateway:
 
         pipe = RecoveringPipe(sid, open_at, reroute, replay_blocks=replay_blocks, max_replay=rc.replay_blocks.most(),
                               max_recoveries=rc.max_recoveries if rc.enabled else 0, on_recovery=recovered,
-                              stall_s=rc.stall_s if rc.enabled else None)
+                              stall_s=rc.stall_s if rc.enabled else None, end_wait_s=self.timeouts.pipe_end_s)
         return await pipe.open()
 
     async def _reroute(self, registry: ReplicaRegistry, sid: str, route: List[RouteHop],

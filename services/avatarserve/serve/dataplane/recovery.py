@@ -83,7 +83,8 @@ class RecoveringPipe:
 
     def __init__(self, session_id: str, open_pipe: OpenPipe, reroute: Reroute, *,
                  replay_blocks: Union[int, Callable[[str], int]], max_recoveries: int, max_replay: Optional[int] = None,
-                 stall_s: Optional[float] = None, clock: Callable[[], float] = time.monotonic,
+                 stall_s: Optional[float] = None, end_wait_s: Optional[float] = None,
+                 clock: Callable[[], float] = time.monotonic,
                  on_recovery: Optional[Callable[[Recovery], None]] = None) -> None:
         """`replay_blocks`: blocks to replay, or a function of the lost hop's address giving them (at most
         `max_replay`, the audio kept)."""
@@ -101,6 +102,10 @@ class RecoveringPipe:
         self._reroute = reroute
         self.replay_blocks = max_replay
         self.stall_s = stall_s  # None: wait for results however long they take
+        # Once the input is ended and nothing is in flight, the pipe's end-of-stream is bounded by this (None: not):
+        # every result is in, and a read that never returns must not hold the stream open.
+        self.end_wait_s = end_wait_s
+        self._end_sent_at: Optional[float] = None
         self._recv: Optional[asyncio.Task] = None  # the current pipe's pending receive
         self._progress_at = clock()  # last result received, or the first block sent into an empty pipe
         self.max_recoveries = max_recoveries
@@ -108,7 +113,8 @@ class RecoveringPipe:
         self._on_recovery = on_recovery
         self._pipe: Optional[PipelineSession] = None
         self._ready = asyncio.Event()  # the current pipe takes new blocks (cleared while recovering)
-        self._sent_into_empty = asyncio.Event()  # set by `send` when a block enters an empty pipe
+        # set when a block enters an empty pipe (a stall deadline starts) or the input ends (the end-of-stream one)
+        self._wake_receiver = asyncio.Event()
         self._pending: "OrderedDict[int, BlockItem]" = OrderedDict()  # sent, result not yet received
         self._history: Deque[BlockItem] = deque(maxlen=max(max_replay, 1))  # received, newest last
         self._next_block = 0  # the next block index the caller sends
@@ -182,7 +188,7 @@ class RecoveringPipe:
             raise ProtocolError(f"session {self.session_id!r}: send after close")
         if not self._pending:
             self._progress_at = self._clock()
-            self._sent_into_empty.set()  # a receive waiting without a stall deadline now needs one
+            self._wake_receiver.set()  # a receive waiting without a stall deadline now needs one
         self._pending[item.block_index] = item
         self._next_block = item.block_index + 1
         try:
@@ -197,6 +203,8 @@ class RecoveringPipe:
         await self._ready.wait()
         if not self._closed:
             await self._pipe.end(reason)
+            self._end_sent_at = self._clock()
+            self._wake_receiver.set()
 
     async def _next(self) -> Optional[Item]:
         """The current pipe's next item; raises `PipelineStalled` when blocks are in flight and none came back for
@@ -205,12 +213,15 @@ class RecoveringPipe:
             self._recv = asyncio.get_running_loop().create_task(self._pipe.receive())
         while True:
             timeout, sent = None, None
-            if self.stall_s is not None:
-                if self._pending:
+            awaiting_end = not self._pending and self._end_sent_at is not None and self.end_wait_s is not None
+            if awaiting_end:  # every result is in: only the end-of-stream is to come
+                timeout = max(0.0, max(self._progress_at, self._end_sent_at) + self.end_wait_s - self._clock())
+            elif self._pending:
+                if self.stall_s is not None:
                     timeout = max(0.0, self._progress_at + self.stall_s - self._clock())
-                else:  # nothing in flight: no deadline until a block is sent, then wake up and take one
-                    self._sent_into_empty.clear()
-                    sent = asyncio.ensure_future(self._sent_into_empty.wait())
+            else:  # nothing in flight: no deadline until a block is sent or the input ends; wake up then
+                self._wake_receiver.clear()
+                sent = asyncio.ensure_future(self._wake_receiver.wait())
             try:
                 await asyncio.wait({self._recv} | ({sent} if sent else set()), timeout=timeout,
                                    return_when=asyncio.FIRST_COMPLETED)
@@ -222,7 +233,15 @@ class RecoveringPipe:
                 item = task.result()
                 self._progress_at = self._clock()
                 return item
-            if self._pending and self._clock() - self._progress_at >= self.stall_s:
+            if awaiting_end:
+                if self._clock() - max(self._progress_at, self._end_sent_at) >= self.end_wait_s:
+                    log.warning("session %s: every block came back but the pipeline's end-of-stream did not within "
+                                "%g s; ending the stream here", self.session_id, self.end_wait_s)
+                    await self._drop_receive()
+                    await self._pipe.close()
+                    return None
+                continue
+            if self._pending and self.stall_s is not None and self._clock() - self._progress_at >= self.stall_s:
                 raise PipelineStalled(self.session_id, self.stall_s, len(self._pending))
 
     async def _drop_receive(self) -> None:
@@ -302,6 +321,8 @@ class RecoveringPipe:
                 await pipe.send(item)
             if self._end_reason is not None:
                 await pipe.end(self._end_reason)
+                self._end_sent_at = self._clock()
+                self._wake_receiver.set()
         except PipelineError:
             return  # lost again: the receiving side recovers once more
         finally:

@@ -710,9 +710,13 @@ async def open_pipe(
     deserializer = None if raw_responses else pb.StageMessage.FromString
     call = channel.stream_stream(PIPE_METHOD, request_serializer=serialize_message, response_deserializer=deserializer)()
     target = route[0] if route else "?"
-    try:
+    async def handshake() -> Any:
         await call.write(pb.StageMessage(open=pb.Open(session_id=session_id, route=list(route[1:]), config=config)))
-        first = await asyncio.wait_for(call.read(), timeout_s)
+        return await call.read()
+
+    try:
+        # The write is bounded too: it waits for the stream to start on a connection every session shares.
+        first = await asyncio.wait_for(handshake(), timeout_s)
     except asyncio.TimeoutError:
         call.cancel()
         raise PipelineError(ErrorCode.DEADLINE_EXCEEDED, f"{target} did not acknowledge the open within {timeout_s:g}s", session_id=session_id) from None

@@ -3,7 +3,8 @@ page over HTTP at `{route_prefix}/ops/`)."""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import Any, Dict, List
 
 from avatarserve.serve.api.servicer import Gateway
 from avatarserve.serve.config import AppConfig
@@ -31,3 +32,23 @@ class GatewayDeployment(Gateway):
                                      status_code=404)
         status, media_type, body = await self.ops.handle.remote(path[at + 4:])
         return Response(body, status_code=status, media_type=media_type)
+
+    async def debug_tasks(self) -> List[Dict[str, Any]]:
+        """Every asyncio task of this replica's event loop with the chain of awaits it is suspended in (through a
+        Serve handle: what a stream that does not move is waiting for)."""
+        return [{"name": task.get_name(), "awaiting": _await_chain(task)} for task in asyncio.all_tasks()]
+
+
+def _await_chain(task: "asyncio.Task") -> List[str]:
+    """file:line function of each coroutine the task waits in, outermost first."""
+    chain: List[str] = []
+    obj: Any = task.get_coro()
+    while obj is not None and len(chain) < 40:
+        frame = getattr(obj, "cr_frame", None) or getattr(obj, "gi_frame", None) or getattr(obj, "ag_frame", None)
+        if frame is not None:
+            chain.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+        nxt = getattr(obj, "cr_await", None) or getattr(obj, "gi_yieldfrom", None) or getattr(obj, "ag_await", None)
+        if nxt is None and chain:
+            chain.append(f"waits on {type(obj).__name__}" if frame is None else f"waits on {obj!r:.200}")
+        obj = nxt
+    return chain
