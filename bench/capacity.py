@@ -138,10 +138,14 @@ def cluster_capacity(args: argparse.Namespace) -> Dict[str, Any]:
                    "replicas": {"gateway": 1, "audio": 1, "denoise": 1, "vae": 1},
                    "capacity": dict.fromkeys(("audio", "denoise", "vae"), max(8, args.max_sessions)),
                    "resources": {r: {"num_cpus": 0.1} for r in ("gateway", "audio", "denoise", "vae")},
-                   "scheduling": {"max_batch": max_batch}, "autoscaling": {"enabled": False},
+                   # configured: the probes go past what admission by measurement would take, to find where real
+                   # time breaks; what it would take is recorded (`measured_admission`) to compare.
+                   "scheduling": {"max_batch": max_batch, "admit_by": "configured"},
+                   "autoscaling": {"enabled": False},
                    "ops": {"enabled": False}, "auth": {"mode": "disabled"}}
             deploy(cfg)
             sc._log(f"max_batch {max_batch}: cluster up in {time.monotonic() - t0:.1f} s")
+            at_start = _measured_capacities()
             probes = []
             for n in range(1, args.max_sessions + 1):
                 probe = _probe(address, n, args, sc)
@@ -151,9 +155,28 @@ def cluster_capacity(args: argparse.Namespace) -> Dict[str, Any]:
                 if not probe["sustained"]:
                     break
             sustained = max((p["sessions"] for p in probes if p["sustained"]), default=0)
-            out[str(max_batch)] = {"sustained_sessions": sustained, "probes": probes}
+            after = _measured_capacities()
+            out[str(max_batch)] = {
+                "sustained_sessions": sustained, "probes": probes,
+                # sessions admission by measurement (scheduling.admit_by: measured) would take: the smallest stage's
+                # measured real-time capacity, as timed at start-up and after the probes' live blocks
+                "measured_admission": {"at_start": min(at_start.values(), default=None),
+                                       "after_probes": min(after.values(), default=None),
+                                       "per_stage_at_start": at_start, "per_stage_after_probes": after}}
             serve.delete(APP)
     return out
+
+
+def _measured_capacities() -> Dict[str, Optional[int]]:
+    """Each stage deployment's measured real-time capacity (its one replica's status)."""
+    from ray import serve
+
+    names = [d for d in serve.status().applications[APP].deployments if d not in ("Gateway", "SinkFrameCache")]
+    out: Dict[str, Optional[int]] = {}
+    for name in names:
+        status = serve.get_deployment_handle(name, app_name=APP).status.remote().result(timeout_s=120)
+        out[name] = status.get("measured_capacity")
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _ints(text: str) -> List[int]:
