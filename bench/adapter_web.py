@@ -24,7 +24,11 @@ measures, on the page:
   receiver's synchronization source, its packets identified by the RFC 6465 levels the server sent);
 * ``interrupt``: the INTERRUPT button pressed while the avatar still shows speech the microphone has
   finished -> the first idle block shown (reported by the server over the data channel);
-* ``screenshot``: a PNG of the page (CDP Page.captureScreenshot).
+* ``screenshot``: a PNG of the page (CDP Page.captureScreenshot);
+* ``sender`` / ``status`` / ``machine``: whether the machine let the page run in real time: how late the
+  adapter's video track woke for each frame (and ``bridge.video_frames_skipped``: frames it skipped rather than
+  send late), the browser's own video counters (received, decoded, freezes), and the share of the capture's
+  wall time in which some task on the machine waited for a CPU (Linux PSI).
 
 The microphone WAV (16 kHz mono PCM; Chromium converts it to its capture format): silence, speech
 A (the lip-sync window), silence, speech B (cut by the INTERRUPT), silence. Speech is the toy
@@ -497,6 +501,20 @@ class PageRun:
     console: List[str] = field(default_factory=list)
     playout_levels: List[Dict[str, Any]] = field(default_factory=list)  # getSynchronizationSources of the audio
     sent_audio: List[Dict[str, Any]] = field(default_factory=list)  # the server's audio frames (level, stream pos)
+    # share of the capture's wall time in which some runnable task on the machine waited for a CPU (Linux PSI)
+    cpu_stall: Optional[float] = None
+
+
+def _cpu_stall_us() -> Optional[float]:
+    """Linux pressure stall information: total microseconds in which some runnable task waited for a CPU."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            for line in f:
+                if line.startswith("some"):
+                    return float(line.split("total=")[1])
+    except (OSError, IndexError, ValueError):
+        pass
+    return None
 
 
 async def _poll(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
@@ -582,6 +600,7 @@ async def _drive(web: Any, br: Chromium, inputs: MicInputs, image_b64: str, scre
         return s["connection"] == "connected" and s["ice"] in ("connected", "completed") and s["frames"] > 0
     await _poll(connected, connect_timeout, "ICE connected and the first video frame")
     await ev("window.avatarserve.diag.startCapture()")
+    stall_from, stall_t0 = _cpu_stall_us(), time.monotonic()
     await ev("window.avatarserve.diag.recordAudio(['mic'])")  # the avatar's audio: its receiver's playout
 
     async def idle_shown() -> Any:
@@ -640,6 +659,9 @@ async def _drive(web: Any, br: Chromium, inputs: MicInputs, image_b64: str, scre
             state = f"failed: {exc}"
     await asyncio.sleep(1.0)  # a little idle video after it
     count = await ev("window.avatarserve.diag.stopCapture()")
+    stall_to = _cpu_stall_us()
+    cpu_stall = (None if stall_from is None or stall_to is None
+                 else (stall_to - stall_from) / 1e6 / max(1e-3, time.monotonic() - stall_t0))
     shot = await br.screenshot(screenshot) if screenshot else None
     frames: List[Dict[str, Any]] = []
     for start in range(0, count, 60):
@@ -659,10 +681,10 @@ async def _drive(web: Any, br: Chromium, inputs: MicInputs, image_b64: str, scre
                   placeholder=bridge.video_track.placeholder,
                   stream_started_wall=(None if bridge.stream_started_at is None
                                        else bridge.stream_started_at + bridge.wall_offset),
-                  bridge_stats=dict(bridge.stats),
+                  bridge_stats=dict(bridge.stats, video_frames_skipped=bridge.video_track.frames_skipped),
                   playout={"underruns": bridge.playout.underruns, "jitter_ms": bridge.playout.jitter_ms,
                            "skipped_ms": bridge.playout.skipped_ms},
-                  screenshot=shot, console=list(br.console), playout_levels=playout_levels)
+                  screenshot=shot, console=list(br.console), playout_levels=playout_levels, cpu_stall=cpu_stall)
     await ev("window.avatarserve.stop()")
     return run
 
@@ -711,8 +733,12 @@ def number_frames(frames: List[Dict[str, Any]], sent: List[Dict[str, Any]], plac
 
     def motion_corr(c: int) -> float:
         d_ref = (ref[k[pairs + 1] + c] - ref[k[pairs] + c]).reshape(len(pairs), -1)
-        den = float(np.sqrt(np.sum(d_cap ** 2) * np.sum(d_ref ** 2)))
-        return float(np.sum(d_cap * d_ref) / den) if den > 0 else 0.0
+        # only pairs the server changed: a repeated frame (the playout holding while a block is late) has no motion
+        # to follow, only the codec refining its last picture, which would dilute every constant's score alike
+        moving = np.any(d_ref != 0, axis=1)
+        a, b = d_cap[moving], d_ref[moving]
+        den = float(np.sqrt(np.sum(a ** 2) * np.sum(b ** 2)))
+        return float(np.sum(a * b) / den) if den > 0 else 0.0
     corr = {c: motion_corr(c) for c in cands}
     best = max(corr, key=corr.get)
     n = k + best
@@ -995,9 +1021,21 @@ def analyse(run: PageRun, inputs: MicInputs, generated: Optional[str] = None) ->
             ls["generate_offline"] = _lipsync(g_frames[sel], wav[i0:i0 + len(sel) * 640], inputs.reference)
     out["lipsync"] = ls
     out["playout"] = run.playout
+    out["machine"] = {"cpu_stall_share": None if run.cpu_stall is None else round(run.cpu_stall, 3)}
+    late = np.array([s.get("late_ms", 0.0) for s in run.sent], dtype=np.float64)
+    if len(late):  # the server's video track: how far behind its 25 fps schedule each frame left
+        out["sender"] = {"frames": int(len(late)), "late_ms_p50": round(float(np.median(late)), 1),
+                         "late_ms_p99": round(float(np.percentile(late, 99)), 1),
+                         "late_ms_max": round(float(late.max()), 1),
+                         "late_over_100ms": int((late > 100.0).sum()),
+                         "fps": round(float((len(late) - 1) / (run.sent[-1]["at"] - run.sent[0]["at"])), 2)
+                         if len(late) > 1 and run.sent[-1]["at"] > run.sent[0]["at"] else None,
+                         # the worst lateness in each second of the run (25 frames), to line up with fps windows
+                         "late_ms_max_per_s": [round(float(late[i:i + 25].max())) for i in range(0, len(late), 25)]}
     out["bridge"] = run.bridge_stats
-    out["status"] = {k: run.status.get(k) for k in ("stats_fps", "frames_decoded", "jitter_buffer_ms",
-                                                    "packets_lost", "frames_dropped")}
+    out["status"] = {k: run.status.get(k) for k in ("stats_fps", "frames_received", "frames_decoded",
+                                                    "frames_dropped", "freezes", "freezes_ms",
+                                                    "jitter_buffer_ms", "packets_lost")}
     tm = run.timing
     out["connect_ms"] = {k: round(v - tm["start"], 1) for k, v in tm.items()}
     if run.screenshot:

@@ -245,7 +245,7 @@ class AvatarBridge:
 
     def _on_frame(self, n: int, shown: ShownFrame | None, due: float) -> None:
         if self.record:
-            self.sent.append({"n": n, "at": due + self.wall_offset,
+            self.sent.append({"n": n, "at": due + self.wall_offset, "late_ms": (time.monotonic() - due) * 1000.0,
                               "image": None if shown is None else shown.image,
                               "pts_ms": None if shown is None else shown.pts_ms,
                               "block": None if shown is None else shown.block_index,

@@ -23,20 +23,36 @@ AUDIO_PTIME_S = 0.020  # 20 ms of audio per frame (the Opus frame size)
 
 
 class _Pacer:
-    """Frame k of a track is due at start + k * period (monotonic); a late loop catches up without sleeping."""
+    """Frame k of a track is due at start + k * period (monotonic).
 
-    def __init__(self, period_s: float) -> None:
+    A loop that wakes late either catches up without sleeping (audio: every sample must be played, the
+    receiver's jitter buffer absorbs the burst) or, with `skip_late`, jumps to the latest frame already due
+    (video: a frame that is late is stale; sending the backlog in a burst costs encoding the machine does not
+    have and makes the receiver grow its jitter buffer, delaying every later frame). Frame numbers keep
+    counting periods either way, so RTP timestamps stay on the wall clock.
+    """
+
+    def __init__(self, period_s: float, *, skip_late: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.period_s = period_s
+        self.skip_late = skip_late
+        self.clock = clock
         self.start: float | None = None
         self.count = -1
+        self.skipped = 0  # frames never sent because the loop woke after the next one was due
 
     async def next(self) -> tuple[int, float]:
         """Wait for the next frame's time; returns (frame number, its scheduled monotonic time)."""
         self.count += 1
-        now = time.monotonic()
+        now = self.clock()
         if self.start is None:
             self.start = now
         due = self.start + self.count * self.period_s
+        if self.skip_late and now - due >= self.period_s:
+            latest = int((now - self.start) // self.period_s)
+            self.skipped += latest - self.count
+            self.count = latest
+            due = self.start + latest * self.period_s
         if due > now:
             await asyncio.sleep(due - now)
         return self.count, due
@@ -79,8 +95,9 @@ class AvatarAudioTrack(MediaStreamTrack):
 class AvatarVideoTrack(MediaStreamTrack):
     """The frame under the playout cursor, `fps` times a second (a placeholder before the first block).
 
-    `on_frame(n, shown, due)` is called for every frame sent: n counts frames from 0 (the RTP
-    timestamp advances 90000 / fps per frame), `shown` is the ShownFrame (None: the placeholder).
+    `on_frame(n, shown, due)` is called for every frame sent: n counts frame periods from 0 (the RTP
+    timestamp advances 90000 / fps per period), `shown` is the ShownFrame (None: the placeholder). When the
+    machine wakes the track late, the frames already past are skipped (`frames_skipped`), never sent late.
     """
 
     kind = "video"
@@ -92,9 +109,13 @@ class AvatarVideoTrack(MediaStreamTrack):
         self.placeholder = np.ascontiguousarray(placeholder, dtype=np.uint8)
         self.on_frame = on_frame
         self.fps = playout.fps
-        self._pacer = _Pacer(1.0 / self.fps)
+        self._pacer = _Pacer(1.0 / self.fps, skip_late=True)
         self._ticks = VIDEO_CLOCK_RATE // self.fps
         self._time_base = fractions.Fraction(1, VIDEO_CLOCK_RATE)
+
+    @property
+    def frames_skipped(self) -> int:
+        return self._pacer.skipped
 
     async def recv(self) -> VideoFrame:
         if self.readyState != "live":

@@ -312,6 +312,9 @@
         st.dropped = s.framesDropped || 0;
         st.statsFps = s.framesPerSecond;
         st.framesDecoded = s.framesDecoded;
+        st.framesReceived = s.framesReceived;
+        st.freezes = s.freezeCount;
+        st.freezesMs = s.totalFreezesDuration != null ? 1000 * s.totalFreezesDuration : undefined;
       }
     });
     setText("r-jb", st.jitterBufferMs != null ? `${Math.round(st.jitterBufferMs)} ms` : "-");
@@ -419,7 +422,8 @@
     start, stop, interrupt, openMicrophone,
     status: () => ({
       phase: st.phase, ice: st.ice, connection: st.conn, session_id: st.sessionId, geometry: st.geometry,
-      fps: st.fps, stats_fps: st.statsFps, frames_decoded: st.framesDecoded, frames: st.frames,
+      fps: st.fps, stats_fps: st.statsFps, frames_decoded: st.framesDecoded, frames_received: st.framesReceived,
+      freezes: st.freezes, freezes_ms: st.freezesMs, frames: st.frames,
       latency_ms: st.latencyMs, gen_ms: st.genMs, jitter_buffer_ms: st.jitterBufferMs,
       packets_lost: st.lost, frames_dropped: st.dropped, showing: st.showing, error: st.error,
       first_frame_at: st.firstFrameAt, now: performance.now(), time_origin: performance.timeOrigin,
