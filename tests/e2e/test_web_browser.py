@@ -117,6 +117,15 @@ def test_talk_to_the_avatar_in_chromium(toy_cluster, tmp_path):
         print(f"screenshot copied to {os.path.join(artifacts, 'web.png')}")
     assert screenshot.stat().st_size > 1000
 
+    # did the machine let the page run in real time? (see the bounds above)
+    status, skipped = result["status"], result["bridge"]["video_frames_skipped"]
+    sent = result["sender"]["frames"]
+    starved = []
+    if (status.get("freezes_ms") or 0.0) >= MAX_FREEZES_MS:
+        starved.append(f"the browser's video froze {status['freezes']} times, {status['freezes_ms']:.0f} ms in all")
+    if skipped > MAX_SKIPPED_SHARE * (sent + skipped):
+        starved.append(f"the adapter woke too late for {skipped} of {sent + skipped} frames")
+
     # connected: ICE connected and frames arrived (run_page waits for both); the page plays most of what it is sent
     assert "connected" in result["connect_ms"], result["connect_ms"]
     fps = result["fps"]
@@ -146,28 +155,27 @@ def test_talk_to_the_avatar_in_chromium(toy_cluster, tmp_path):
     lat = result["latency"]
     assert 0 < lat["audio_in_to_first_video_ms"] < MAX_LATENCY_MS, lat
 
-    # INTERRUPT -> idle video, and idle it stays
+    # INTERRUPT -> idle video, and idle it stays. The bench presses it while the page shows speech B after the
+    # microphone finished B, placing B on the stream clock by the wall clock; on a starved page the stream falls
+    # seconds behind that (one fresh-clone run: 8 s of frozen video) and B may be over before the press: a starvation
+    # symptom, reported like the real-time checks
     intr = result["interrupt"]
-    assert intr["state"] == "idle_shown", intr
-    assert intr["speech_blocks_after_idle"] == 0, intr
-    assert intr["utterance_cut"] is not None and intr["utterance_cut"]["interrupted"], intr
+    if starved and intr["state"].startswith("failed: speech B was over"):
+        starved.append(f"INTERRUPT not pressed ({intr['state']})")
+    else:
+        assert intr["state"] == "idle_shown", intr
+        assert intr["speech_blocks_after_idle"] == 0, intr
+        assert intr["utterance_cut"] is not None and intr["utterance_cut"]["interrupted"], intr
     # within a block span plus the pipeline's own delay (the next block after the INTERRUPT is idle; it is due 480 ms
     # after the cut and then takes the cluster's generation time); blocks already in the pipeline come first, which
     # on a starved machine takes more than this (one run: 5.7 s against a 5.2 s budget), a real-time check
     budget = INTERRUPT_SLACK_MS + 480.0 + 1.5 * max(0.0, lat.get("server_reported_gen_ms_median") or 0.0)
 
-    status, skipped = result["status"], result["bridge"]["video_frames_skipped"]
-    sent = result["sender"]["frames"]
-    starved = []
-    if (status.get("freezes_ms") or 0.0) >= MAX_FREEZES_MS:
-        starved.append(f"the browser's video froze {status['freezes']} times, {status['freezes_ms']:.0f} ms in all")
-    if skipped > MAX_SKIPPED_SHARE * (sent + skipped):
-        starved.append(f"the adapter woke too late for {skipped} of {sent + skipped} frames")
     if starved:
         message = ("real-time checks (fps median, page lip sync, A/V skew, INTERRUPT delay) not applied, the machine "
                    "starved the page: " + "; ".join(starved) + f"; measured: fps median {fps['median']:.1f}, page lip "
                    f"sync {ls['page_vs_mic_wav']['corr_best']}, A/V skew {av['video_minus_audio_ms_median']} ms, "
-                   f"INTERRUPT to idle {intr['click_to_idle_event_ms']} ms (budget {budget:.0f})")
+                   f"INTERRUPT to idle {intr.get('click_to_idle_event_ms')} ms (budget {budget:.0f})")
         print(message)
         warnings.warn(message)
         return
