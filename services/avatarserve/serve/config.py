@@ -169,6 +169,13 @@ class TimeoutsConfig(ReplicaTimeouts):
         description="Once a stream's input ended and every block it sent came back, how long the gateway waits for "
                     "its pipeline's end-of-stream (a healthy pipeline sends it right after the last block) before "
                     "it ends the stream itself, with a WARNING in its log.")
+    stop_poll_s: float = Field(
+        1.0, gt=0,
+        description="How often a gateway replica checks whether Serve has begun stopping it (scale-down, a "
+                    "redeploy that replaces it, serve.delete). Then it takes no new stream, and each open one "
+                    "delivers what its client sent and ends with END_OF_STREAM `server_draining`, so the client "
+                    "reopens the stream on the same session (through another replica), instead of being cut when "
+                    "Serve's shutdown budget runs out.")
     close_wait_s: float = Field(
         10.0, gt=0,
         description="How long CloseSession (or the idle sweep) waits for the session's open stream, on whichever "

@@ -10,7 +10,7 @@ import logging
 from typing import Any, Optional
 
 __all__ = ["RAY_VERSION", "RayCompatError", "check_ray_version", "deploy_apps", "in_serve_replica", "replica_log_file",
-           "start_serve"]
+           "replica_stopping", "start_serve"]
 
 RAY_VERSION = "2.60.0"
 SERVE_START_ATTEMPTS = 5  # `start_serve`: how many times Serve may give up on its late proxies before we do
@@ -83,6 +83,31 @@ def serve_app_name() -> Optional[str]:
         return None
     ctx = context._get_internal_replica_context()
     return ctx.replica_id.deployment_id.app_name if ctx is not None else None
+
+
+def replica_stopping() -> Optional[bool]:
+    """Has Serve begun stopping this replica (its graceful shutdown, which calls `__del__` only once no request is
+    ongoing)? None outside a replica or when this Ray keeps the flag elsewhere.
+
+    Serve has no public hook at the start of a replica's shutdown: it waits for ongoing requests, then calls
+    `__del__`. A gateway's streams are requests that last as long as their sessions, so it must notice the start
+    itself. The replica object sets `_shutting_down` first thing; the replica context reaches it through the
+    handle-registration callback, a closure over the replica (ray 2.60: `ReplicaBase._set_internal_replica_context`).
+    """
+    try:
+        from ray.serve import context
+    except ImportError:
+        return None
+    ctx = context._get_internal_replica_context()
+    callback = getattr(ctx, "_handle_registration_callback", None) if ctx is not None else None
+    for cell in getattr(callback, "__closure__", None) or ():
+        try:
+            flag = getattr(cell.cell_contents, "_shutting_down", None)
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(flag, bool):
+            return flag
+    return None
 
 
 def replica_log_file() -> Optional[str]:

@@ -34,7 +34,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -75,8 +75,12 @@ _STATES = {"CREATED": pb.SESSION_STATE_CREATED, "STREAMING": pb.SESSION_STATE_ST
 class Gateway:
     """The public AvatarService (unary RPCs + StreamSession) of one gateway replica."""
 
-    def __init__(self, app: AppConfig, vae_handle: Any = None):
+    def __init__(self, app: AppConfig, vae_handle: Any = None, *, stop_probe: Optional[Callable[[], Any]] = None):
+        """`stop_probe`: true once whatever runs this replica has begun stopping it (checked every
+        `timeouts.stop_poll_s`; then `stop_streams`)."""
         self.app = AppConfig.parse(app)
+        self.stop_probe = stop_probe
+        self.stopping = False  # this replica is being stopped: no new stream, open ones drain
         self.stream = self.app.stream
         self.deployments: List[str] = self.app.stage_deployments
         self.redis_url = self.app.require_redis()
@@ -86,6 +90,7 @@ class Gateway:
         self._loop_state: Dict[int, tuple] = {}
         self._samplers: Dict[int, asyncio.Task] = {}
         self._sweepers: Dict[int, asyncio.Task] = {}  # per event loop: the idle sweep (`_sweep_idle`)
+        self._watchers: Dict[int, asyncio.Task] = {}  # per event loop: `_watch_stop`
         self._streams: Dict[str, tuple] = {}  # session id -> (StreamController, SessionMeter)
         self._teardowns: set = set()  # ended streams' releases and pipe closes running in the background
         self.replica_id = uuid.uuid4().hex[:8]
@@ -112,6 +117,8 @@ class Gateway:
             self._loop_state[id(loop)] = st
             st[1].restore_hooks.append(st[0].restore_routes)
             self._sweepers[id(loop)] = loop.create_task(self._sweep_idle(), name="gateway-idle-sweep")
+            if self.stop_probe is not None:
+                self._watchers[id(loop)] = loop.create_task(self._watch_stop(), name="gateway-stop-watch")
             if self.metrics is not None:
                 self._samplers[id(loop)] = loop.create_task(self._sample_streams(), name="gateway-stream-sampler")
         return st
@@ -602,8 +609,38 @@ class Gateway:
                            f"lost the session's {hop.deployment} replica and no other can take the session: {exc}",
                            {"retry-after-ms": str(exc.retry_after_ms)}) from exc
 
-    @staticmethod
-    async def _refuse_while_draining(store: SessionStore) -> None:
+    def stop_streams(self) -> int:
+        """This replica is being stopped: refuse new streams and sessions here (UNAVAILABLE with a retry hint, so
+        clients go to another replica), and end every open stream like a cluster drain does: what its client sent
+        is delivered, then DRAINED and END_OF_STREAM `server_draining`. Returns the streams told to end; call it on
+        the loop that runs them. Idempotent."""
+        self.stopping = True
+        for ctl, _ in list(self._streams.values()):
+            ctl.request_end("server_draining", drain=True)
+        return len(self._streams)
+
+    async def _watch_stop(self) -> None:
+        """Every `timeouts.stop_poll_s`: has this replica's stop begun? Then drain its streams (and keep ending any
+        that a router still sent here)."""
+        announced = False
+        while True:
+            await asyncio.sleep(self.timeouts.stop_poll_s)
+            try:
+                if not self.stop_probe():
+                    continue
+            except Exception as exc:  # noqa: BLE001 - a probe that fails says nothing; never let it kill the watch
+                log.warning("gateway %s: stop probe failed: %s", self.replica_id, exc)
+                continue
+            n = self.stop_streams()
+            if not announced:
+                announced = True
+                log.warning("gateway %s is being stopped: %d open stream(s) drain and end with server_draining",
+                            self.replica_id, n)
+
+    async def _refuse_while_draining(self, store: SessionStore) -> None:
+        if self.stopping:
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, "this gateway replica is being stopped: retry, another one "
+                           "takes the request", {"retry-after-ms": str(self.app.retry_after_ms)})
         left_ms = await store.draining_ms()
         if left_ms:
             raise ApiError(grpc.StatusCode.UNAVAILABLE, "the server is draining (it is being stopped): open the "

@@ -16,7 +16,11 @@ class GatewayDeployment(Gateway):
     """Gateway as the Serve ingress; the extra handles are bound only so Serve deploys the whole graph."""
 
     def __init__(self, app: AppConfig, vae_handle: Any, cache_handle: Any, *stage_handles: Any, ops: Any = None):
-        super().__init__(app, vae_handle)
+        from avatarserve.serve.ray_compat import replica_stopping
+
+        # Serve stops a gateway (scale-down, a redeploy, serve.delete) only once no request is ongoing, and a stream
+        # is one for as long as its session lasts: the replica watches for the stop's start and drains its streams.
+        super().__init__(app, vae_handle, stop_probe=replica_stopping)
         self.cache = cache_handle
         self.stage_handles = stage_handles
         self.ops = ops
