@@ -212,16 +212,17 @@ class RecoveringPipe:
         if self._recv is None:
             self._recv = asyncio.get_running_loop().create_task(self._pipe.receive())
         while True:
-            timeout, sent = None, None
+            deadline, sent = None, None
             awaiting_end = not self._pending and self._end_sent_at is not None and self.end_wait_s is not None
             if awaiting_end:  # every result is in: only the end-of-stream is to come
-                timeout = max(0.0, max(self._progress_at, self._end_sent_at) + self.end_wait_s - self._clock())
+                deadline = max(self._progress_at, self._end_sent_at) + self.end_wait_s
             elif self._pending:
                 if self.stall_s is not None:
-                    timeout = max(0.0, self._progress_at + self.stall_s - self._clock())
+                    deadline = self._progress_at + self.stall_s
             else:  # nothing in flight: no deadline until a block is sent or the input ends; wake up then
                 self._wake_receiver.clear()
                 sent = asyncio.ensure_future(self._wake_receiver.wait())
+            timeout = None if deadline is None else max(0.0, deadline - self._clock())
             try:
                 await asyncio.wait({self._recv} | ({sent} if sent else set()), timeout=timeout,
                                    return_when=asyncio.FIRST_COMPLETED)
@@ -233,16 +234,15 @@ class RecoveringPipe:
                 item = task.result()
                 self._progress_at = self._clock()
                 return item
-            if awaiting_end:
-                if self._clock() - max(self._progress_at, self._end_sent_at) >= self.end_wait_s:
-                    log.warning("session %s: every block came back but the pipeline's end-of-stream did not within "
-                                "%g s; ending the stream here", self.session_id, self.end_wait_s)
-                    await self._drop_receive()
-                    await self._pipe.close()
-                    return None
+            if deadline is None or self._clock() < deadline:
                 continue
-            if self._pending and self.stall_s is not None and self._clock() - self._progress_at >= self.stall_s:
-                raise PipelineStalled(self.session_id, self.stall_s, len(self._pending))
+            if awaiting_end:
+                log.warning("session %s: every block came back but the pipeline's end-of-stream did not within "
+                            "%g s; ending the stream here", self.session_id, self.end_wait_s)
+                await self._drop_receive()
+                await self._pipe.close()
+                return None
+            raise PipelineStalled(self.session_id, self.stall_s, len(self._pending))
 
     async def _drop_receive(self) -> None:
         task, self._recv = self._recv, None
