@@ -202,6 +202,15 @@ class MemorySampler:
             "sampler_errors": self.errors[:20],
         }
 
+    def write_series(self, path: str) -> None:
+        """Every sample, one JSON line per process (and one for Redis' used_memory): for plotting a run's shape."""
+        with open(path, "w") as f:
+            for (name, pid), pts in sorted(self.series.items()):
+                f.write(json.dumps({"name": name, "pid": pid, "t_s": [t for t, _ in pts],
+                                    "rss": [v for _, v in pts]}) + "\n")
+            f.write(json.dumps({"name": "redis used_memory", "pid": None, "t_s": [t for t, _ in self.redis_used],
+                                "rss": [v for _, v in self.redis_used]}) + "\n")
+
 
 def _growth(pts: List[Tuple[float, int]], warmup_s: float, limit_pct: float, *, scale: float,
             unit: str) -> Dict[str, Any]:
@@ -215,8 +224,14 @@ def _growth(pts: List[Tuple[float, int]], warmup_s: float, limit_pct: float, *, 
                 "first_s": pts[0][0], "last_s": pts[-1][0]}
     (t_a, a), (t_b, b) = after[0], after[-1]
     growth = 100.0 * (b - a) / a if a else 0.0
+    # Growth over the second half of the measured span alone: a cache filling up to its bound grows early and then
+    # stops (second half ~0), a leak keeps growing (second half ~ half the total).
+    t_mid = (t_a + t_b) / 2
+    m = next(v for t, v in after if t >= t_mid)
+    second_half = 100.0 * (b - m) / m if m else 0.0
     return {f"at_warmup_{unit}": round(a * scale, 2), f"end_{unit}": round(b * scale, 2),
-            "growth_pct": round(growth, 2), f"max_{unit}": round(max(v for _, v in pts) * scale, 2),
+            "growth_pct": round(growth, 2), "second_half_growth_pct": round(second_half, 2),
+            f"max_{unit}": round(max(v for _, v in pts) * scale, 2),
             "warmup_sample_s": t_a, "end_sample_s": t_b, "pass": growth <= limit_pct}
 
 
@@ -395,6 +410,8 @@ def _soak(args: argparse.Namespace, image: bytes, out: Dict[str, Any], t: float)
         warmup_s = (res["t_stream"] - sampler.t0) + args.warmup_minutes * 60
         out["session"] = session_report(res, args)
         out["memory"] = sampler.report(warmup_s, args.max_growth_pct)
+        if args.series:
+            sampler.write_series(args.series)
     shutil.rmtree(cluster.state, ignore_errors=True)  # `avatarserve down` ran: the private state folder is spent
     return out
 
@@ -413,6 +430,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--lead-ms", type=float, default=200.0, help="audio sent this far ahead of real time")
     p.add_argument("--config", default=str(REPO / "deploy" / "local.yaml"))
     p.add_argument("--api-key", default=None, help="API key for CreateSession (default: the SDK's environment)")
+    p.add_argument("--series", default=None, help="also write every memory sample here (JSON lines)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     if args.minutes <= 0 or not 0 <= args.warmup_minutes < args.minutes or args.sample_s <= 0:

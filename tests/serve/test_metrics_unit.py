@@ -165,7 +165,9 @@ def test_history_turns_cumulative_samples_into_rates_quantiles_and_counts() -> N
     assert doc["charts"]["quality"]["late frames/s"] == [[110.0, 2.0]]
     assert len(doc["charts"]["replicas"]["DenoiseStage0"]) == 2
     with pytest.raises(DashboardError, match="unreadable"):
-        parse_exposition("# TYPE x counter\nx{ 1\n")
+        parse_exposition("# TYPE ray_avatarserve_x counter\nray_avatarserve_x{ 1\n")
+    # Only our families are read: a line of another family that the parser would reject does not matter.
+    assert parse_exposition("# TYPE x counter\nx{ 1\n") == {}
 
 
 def test_page_is_self_contained_and_embeds_the_data() -> None:
