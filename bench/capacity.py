@@ -134,7 +134,7 @@ def cluster_capacity(args: argparse.Namespace) -> Dict[str, Any]:
             t0 = time.monotonic()
             cfg = {"name": APP, "route_prefix": "/" + APP, "redis_url": redis_url,
                    "namespace": f"capacity{max_batch}:", "registry_namespace": f"capacity{max_batch}:",
-                   "model": {"config": args.model, "seed": 0}, "torch_threads": 1,
+                   "model": {"config": args.model, "seed": 0}, "torch_threads": args.torch_threads,
                    "replicas": {"gateway": 1, "audio": 1, "denoise": 1, "vae": 1},
                    "capacity": dict.fromkeys(("audio", "denoise", "vae"), max(8, args.max_sessions)),
                    "resources": {r: {"num_cpus": 0.1} for r in ("gateway", "audio", "denoise", "vae")},
@@ -203,10 +203,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--max-lag-s", type=float, default=3.0, help="p99 delivery lag behind the audio every session "
                                                                "needs (the default late_after_s)")
     p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs offered to Ray (as deploy/local.yaml)")
+    p.add_argument("--torch-threads", type=int, default=1, help="torch threads per stage replica (app.torch_threads)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
-    if args.seconds <= 0 or args.max_sessions < 1:
-        p.error("--seconds must be > 0 and --max-sessions >= 1")
+    if args.seconds <= 0 or args.max_sessions < 1 or args.torch_threads < 1:
+        p.error("--seconds must be > 0, --max-sessions >= 1 and --torch-threads >= 1")
     t0 = time.monotonic()
     limit = machine_limit(args.model, args.batches, args.limit_blocks, 2, os.cpu_count() or 1)
     _scale()._log(f"machine limit: {limit['best_fps']} fps at {limit['best_batch']} in lockstep = "
@@ -222,6 +223,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.dup2(saved, 1)
         os.close(saved)
     result = {"bench": "capacity", "model": args.model, "cpus": os.cpu_count(), "seconds_per_probe": args.seconds,
+              "replica_torch_threads": args.torch_threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
               "criteria": {"min_rtf": args.min_rtf, "max_lag_p99_s": args.max_lag_s}, "limit": limit,
               "cluster": cluster,
               "serving_efficiency": {mb: round(c["sustained_sessions"] / limit["limit_sessions"], 3)
