@@ -228,6 +228,7 @@ def _growth(pts: List[Tuple[float, int]], warmup_s: float, limit_pct: float, *, 
                 "pass": None, "note": "too few samples after the warm-up (short-lived process)",
                 "first_s": pts[0][0], "last_s": pts[-1][0]}
     (t_a, a), (t_b, b) = after[0], after[-1]
+
     def median_within(lo: float, hi: float, near: float) -> float:
         inside = [v for t, v in after if lo <= t <= hi]
         return float(np.median(inside)) if inside else float(min(after, key=lambda p: abs(p[0] - near))[1])

@@ -636,7 +636,7 @@ class AppConfig(_Strict):
     model: ModelSection = Field(default_factory=ModelSection)
     torch_threads: int = Field(1, ge=1, description="torch threads per stage replica. On CPU keep 1 where replicas "
                                                     "share cores: OpenMP's spinning threads made a 2-thread toy VAE "
-                                                    "decode 14x slower beside one busy process (1.4x faster alone).")
+                                                    "decode 14x slower beside one busy process (1.5x faster alone).")
     resources: Resources = Field(default_factory=Resources)
     replicas: Replicas = Field(default_factory=Replicas)
     capacity: Capacity = Field(default_factory=Capacity)
