@@ -94,8 +94,13 @@ class DeterministicAvatarService(pb_grpc.AvatarServiceServicer):
         self.reset()
 
     def reset(self, *, max_sessions: int = 8, retry_after_ms: int | None = 1500,
-              first_block_frames: int = FRAMES_PER_BLOCK, block_delay_s: float = 0.0) -> None:
+              first_block_frames: int = FRAMES_PER_BLOCK, block_delay_s: float = 0.0,
+              unavailable_streams: int = 0) -> None:
         self.sessions: dict[str, _Session] = {}
+        # The next N StreamSession calls read their Hello, then end UNAVAILABLE before any reply (a gateway that
+        # could not start the stream); `stream_attempts` counts every call with the Hello it carried.
+        self.unavailable_streams = unavailable_streams
+        self.stream_attempts: list[pb.ClientMessage] = []
         self.max_sessions = max_sessions
         self.retry_after_ms = retry_after_ms
         self.first_block_frames = first_block_frames
@@ -231,6 +236,10 @@ class DeterministicAvatarService(pb_grpc.AvatarServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"the first message must be hello, got {first.WhichOneof('kind')}")
         s = await self._auth(first.hello.session_id, first.hello.session_token, context)
+        self.stream_attempts.append(first)
+        if self.unavailable_streams > 0:
+            self.unavailable_streams -= 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the stream could not start here; retry it")
         if s.state in (pb.SESSION_STATE_CLOSED, pb.SESSION_STATE_FAILED):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"session {s.session_id} is {pb.SessionState.Name(s.state)}")

@@ -229,6 +229,27 @@ def test_stream_deadline_is_typed(server, client, png_bytes) -> None:
             list(s.stream(None, end_of_input=False, timeout=0.2))
 
 
+def test_a_stream_refused_before_its_first_reply_is_retried_with_what_was_sent(server, client, png_bytes) -> None:
+    from avatarserve_client import Unavailable
+
+    audio = tone(960)  # 2 blocks
+    server.reset(unavailable_streams=2)  # the first two attempts end UNAVAILABLE right after their Hello
+    with client.session(png_bytes, formats="jpeg") as s:
+        blocks = list(s.stream(chunk_pcm(audio, chunk_ms=40)))
+        sid = s.session_id
+    assert [b.block_index for b in blocks] == [0, 1]
+    attempts = server.service.stream_attempts
+    assert len(attempts) == 3 and all(a.hello.session_id == sid for a in attempts)
+    # gRPC replayed the whole request stream to the attempt that ran: every chunk once, in order
+    assert [c.seq for c in server.service.received_audio[sid]] == list(range(24))
+
+    server.reset(unavailable_streams=3)  # one more than the policy's 3 attempts: the error reaches the caller
+    with client.session(png_bytes) as s:
+        with pytest.raises(Unavailable, match="retry it"):
+            list(s.stream(chunk_pcm(audio, chunk_ms=40)))
+    assert len(server.service.stream_attempts) == 3
+
+
 def test_unreachable_server_is_unavailable(png_bytes) -> None:
     from avatarserve_client import Unavailable
 

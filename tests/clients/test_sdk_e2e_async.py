@@ -42,6 +42,14 @@ async def test_async_stream_order_idle_and_events(server, aclient, png_bytes) ->
     assert s.stats.ttff_s is not None
 
 
+async def test_async_stream_refused_before_its_first_reply_is_retried(server, aclient, png_bytes) -> None:
+    server.reset(unavailable_streams=1)  # the first attempt ends UNAVAILABLE right after its Hello
+    async with aclient.session(png_bytes) as s:
+        blocks = [b async for b in s.stream(chunk_pcm(tone(960)))]
+    assert [b.block_index for b in blocks] == [0, 1]
+    assert len(server.service.stream_attempts) == 2
+
+
 async def test_async_in_band_interrupt_and_async_audio_source(server, aclient, png_bytes) -> None:
     speech = chunk_pcm(tone(720), chunk_ms=240)
 

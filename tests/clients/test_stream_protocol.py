@@ -111,6 +111,23 @@ def test_errors_audio_source_first_then_typed_status() -> None:
         proto.raise_feeder_error()
 
 
+def test_a_deadline_error_says_how_far_the_stream_got() -> None:
+    from avatarserve_client import DeadlineExceeded
+
+    proto, _ = _protocol()
+    silent = proto.error_for(_RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+    assert isinstance(silent, DeadlineExceeded)
+    assert "no reply from the server, not even STARTED; 0 audio chunks sent" in silent.details
+    proto.receive(_status(pb.StatusEvent.KIND_STARTED), 1.0)
+    proto.receive(pb.ServerMessage(video=pb.VideoChunk(num_frames=1, jpeg_frames=[b"x"])), 2.0,
+                  VideoBlock(block_index=0, pts_ms=0, duration_ms=480, frames=[], h264=None, is_idle=False,
+                             width=32, height=24, num_frames=1))
+    later = proto.error_for(_RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+    assert "STARTED received, 1 video blocks" in later.details and "last event STARTED" in later.details
+    # errors the server explained carry no progress note
+    assert proto.error_for(_RpcError(grpc.StatusCode.NOT_FOUND, "gone")).details == "gone"
+
+
 def test_live_sessions_never_stamp_audio_in_the_past() -> None:
     proto, _ = _protocol(idle_mode=IdleMode.FILL_SILENCE)
     proto.stats.started_at -= 1.0  # the stream has been open for a second

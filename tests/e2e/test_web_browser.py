@@ -41,9 +41,10 @@ CHROMIUM = os.environ.get("AVATARSERVE_CHROMIUM", "/usr/bin/chromium")
 # received rate stays near 25 fps even when blocks come late.
 #
 # Two kinds of checks. Functional ones hold however busy the machine is: the page connects, plays the video it is sent
-# (most of it: MIN_FPS_OVERALL), shows the server's frames in order, lip-synced by content, and INTERRUPT brings idle
-# video. Real-time ones (frames per second, lip sync and A/V skew as the page presented them, the INTERRUPT's delay)
-# hold only while the browser and the adapter get the CPU when they need it: with another process keeping both cores
+# (frames keep coming), shows the server's frames in order, lip-synced by content, and INTERRUPT brings idle video.
+# Real-time ones (frames per second, overall and median, lip sync and A/V skew as the page presented them, the
+# INTERRUPT's delay) hold only while the browser and the adapter get the CPU when they need it: with another process
+# keeping both cores
 # busy, runs here saw Chromium's video freeze for 1-4.5 s while the adapter sent on time (the browser's own freeze
 # counter), and the page's A/V skew reach -2 s during such a freeze. So the real-time checks apply when the run shows
 # no starvation: the browser's video froze for less than MAX_FREEZES_MS in all, and the adapter skipped (rather than
@@ -129,7 +130,7 @@ def test_talk_to_the_avatar_in_chromium(toy_cluster, tmp_path):
     # connected: ICE connected and frames arrived (run_page waits for both); the page plays most of what it is sent
     assert "connected" in result["connect_ms"], result["connect_ms"]
     fps = result["fps"]
-    assert fps["overall"] is not None and fps["overall"] >= MIN_FPS_OVERALL, fps
+    assert fps["overall"] is not None and fps["overall"] > 0, fps  # it plays; how fast is a real-time check
 
     # the page showed the server's frames, in order: under one RTP-origin constant the motion between consecutive
     # captured frames follows the motion between the frames the server sent (and no other constant comes close),
@@ -172,14 +173,16 @@ def test_talk_to_the_avatar_in_chromium(toy_cluster, tmp_path):
     budget = INTERRUPT_SLACK_MS + 480.0 + 1.5 * max(0.0, lat.get("server_reported_gen_ms_median") or 0.0)
 
     if starved:
-        message = ("real-time checks (fps median, page lip sync, A/V skew, INTERRUPT delay) not applied, the machine "
-                   "starved the page: " + "; ".join(starved) + f"; measured: fps median {fps['median']:.1f}, page lip "
+        message = ("real-time checks (fps, page lip sync, A/V skew, INTERRUPT delay) not applied, the machine "
+                   "starved the page: " + "; ".join(starved) + f"; measured: fps median {fps['median']:.1f}, "
+                   f"overall {fps['overall']:.1f}, page lip "
                    f"sync {ls['page_vs_mic_wav']['corr_best']}, A/V skew {av['video_minus_audio_ms_median']} ms, "
                    f"INTERRUPT to idle {intr.get('click_to_idle_event_ms')} ms (budget {budget:.0f})")
         print(message)
         warnings.warn(message)
         return
     assert fps["median"] is not None and fps["median"] >= MIN_FPS_MEDIAN, fps
+    assert fps["overall"] >= MIN_FPS_OVERALL, fps
     # as the page presented them: each captured frame against the sound the page's receiver played during its 40 ms
     # on screen (the WAV's samples of the stream positions played then)
     page = ls["page_vs_mic_wav"]

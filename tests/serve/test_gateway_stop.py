@@ -83,3 +83,46 @@ def test_the_watch_drains_once_the_probe_says_stopping_and_survives_a_failing_pr
 
 def test_replica_stopping_outside_a_replica_is_unknown():
     assert replica_stopping() is None
+
+
+class _Context:
+    def __init__(self) -> None:
+        self.code = None
+        self.details = ""
+
+    def set_code(self, code) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+    def set_trailing_metadata(self, md) -> None:
+        pass
+
+
+def test_a_stream_whose_first_message_never_arrives_ends_unavailable_after_hello_s():
+    from avatarserve.serve.api.errors import StreamFailed
+
+    gw = Gateway({"redis_url": "redis://127.0.0.1:1", "timeouts": {"hello_s": 0.2}})
+    gw._clients = lambda: (None, None, None)  # nothing past the Hello is reached
+    fetches = []
+
+    class _Silent:  # a request stream whose first message never comes (the proxy's fetch never returns)
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            fetch = asyncio.get_running_loop().create_future()
+            fetches.append(fetch)
+            return await fetch
+
+    async def run():
+        ctx = _Context()
+        with pytest.raises(StreamFailed):
+            async for _ in gw.StreamSession(_Silent(), ctx):
+                pass
+        return ctx
+
+    ctx = asyncio.run(asyncio.wait_for(run(), 30))  # a hang guard: the stream itself ends after 0.2 s
+    assert ctx.code == grpc.StatusCode.UNAVAILABLE and "Hello" in ctx.details and "0.2 s" in ctx.details
+    assert len(fetches) == 1 and fetches[0].cancelled()  # the pending fetch was given up, not left behind

@@ -65,6 +65,7 @@ class StreamProtocol:
         self.ended = False
         self.feeder_error: BaseException | None = None
         self.write_failed = False
+        self.last_event: EventKind | None = None  # kind of the last StatusEvent received
 
     def _elapsed_ms(self) -> int:
         return int((time.monotonic() - self.stats.started_at) * 1000)
@@ -136,6 +137,7 @@ class StreamProtocol:
         if kind == "status":
             event = StatusEvent.from_proto(reply.status, now)
             self.started |= event.kind is EventKind.STARTED
+            self.last_event = event.kind
             self.ended |= event.kind is EventKind.END_OF_STREAM
             self.events.append(event)
             if self.on_event is not None:
@@ -144,6 +146,18 @@ class StreamProtocol:
         raise ProtocolError(f"server sent an empty or unknown ServerMessage ({kind!r})")
 
     # -- failure ---------------------------------------------------------------------------
+
+    def progress(self) -> str:
+        """What the stream got so far, in words: for an error the server could not explain (a deadline)."""
+        st = self.stats
+        sent = f"{st.audio_chunks_sent} audio chunks sent"
+        elapsed = f"after {time.monotonic() - st.started_at:.1f} s"
+        if not self.started and self.last_event is None and not st.blocks:
+            return f"{elapsed}: no reply from the server, not even STARTED; {sent}"
+        last = self.last_event.name if self.last_event is not None else "none"
+        since = "" if st.last_block_at is None else f", the last {time.monotonic() - st.last_block_at:.1f} s ago"
+        return f"{elapsed}: STARTED {'received' if self.started else 'not received'}, {st.blocks} video blocks" \
+               f"{since}, last event {last}; {sent}"
 
     def raise_feeder_error(self) -> None:
         """After the server's replies ended: an audio-source failure is the stream's error."""
@@ -162,5 +176,8 @@ class StreamProtocol:
             error: AvatarServeError = from_rpc_error(exc)
             if self.write_failed and error.code is grpc.StatusCode.INTERNAL:
                 error.details += _LOST_STATUS_NOTE
+            if error.code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                # The server had no say: what this stream got before the deadline tells where it stopped.
+                error.details += f" ({self.progress()})"
             return error
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -45,9 +46,31 @@ def resolve_credentials(credentials: grpc.ChannelCredentials | None,
     return grpc.ssl_channel_credentials(root_certificates=pem)
 
 
+# A StreamSession that fails UNAVAILABLE before the server's first reply is retried by gRPC itself: the server touched
+# nothing of the session then (a gateway being stopped, a pipeline that could not open, a first message that never
+# reached the gateway), and gRPC replays what was sent so far (up to its retry buffer, 256 KiB by default; a stream
+# that sent more before its first reply is not retried). After the first reply a stream is never retried: video was
+# delivered, and the client decides. Unary calls are not retried (CreateSession is not idempotent).
+STREAM_RETRY_POLICY = {
+    "maxAttempts": 3,
+    "initialBackoff": "0.2s",
+    "maxBackoff": "2s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+SERVICE_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{"service": pb.DESCRIPTOR.services_by_name["AvatarService"].full_name, "method": "StreamSession"}],
+    "retryPolicy": STREAM_RETRY_POLICY,
+}]})
+
+
 def channel_options(max_message_bytes: int, extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
-    return [("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes), *extra]
+    """Channel options of both clients; `extra` adds to them, and its own "grpc.service_config" replaces ours."""
+    ours: list[tuple[str, Any]] = [("grpc.max_receive_message_length", max_message_bytes),
+                                   ("grpc.max_send_message_length", max_message_bytes)]
+    if not any(key == "grpc.service_config" for key, _ in extra):
+        ours.append(("grpc.service_config", SERVICE_CONFIG))
+    return [*ours, *extra]
 
 
 def request_metadata(base: Metadata, application: str | None, session_id: str | None) -> list[tuple[str, str]]:

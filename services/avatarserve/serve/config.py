@@ -159,6 +159,13 @@ class TimeoutsConfig(ReplicaTimeouts):
         description="Lifetime of a session's Redis keys (session, sink, route, stream lock) after its last stream "
                     "activity; refreshed while a stream is open, so a live stream never expires. Also the cap of "
                     "a session's idle timeout (IdleOptions.idle_timeout_s).")
+    hello_s: float = Field(
+        30.0, gt=0,
+        description="How long a new stream waits for its client's first message (Hello) before it ends with "
+                    "UNAVAILABLE (retryable: nothing of the session was touched yet; the SDK retries it), with a "
+                    "WARNING in the gateway's log. A client sends Hello as soon as the call opens: this bounds a "
+                    "stream whose first message never reaches the gateway (a client that opened the call and sent "
+                    "nothing, or a request stream lost between Serve's proxy and the gateway replica).")
     stream_sync_s: float = Field(
         0.25, gt=0,
         description="How often an open stream writes its live counters to the session store and checks for a "

@@ -504,10 +504,29 @@ class Gateway:
         finally:
             await self._end_lease(lease)
 
+    async def _first_request(self, it):
+        """The stream's first message (None: an empty stream), within `timeouts.hello_s`; StreamCancelled when the
+        client is already gone. Under Serve each message is a call to the proxy that holds the client's stream: one
+        that never returns would hold this stream open (and its client waiting) forever."""
+        fetch = asyncio.get_running_loop().create_task(next_request(it), name="hello")
+        try:
+            done, _ = await asyncio.wait({fetch}, timeout=self.timeouts.hello_s)
+        finally:
+            if not fetch.done():
+                fetch.cancel()
+                await asyncio.gather(fetch, return_exceptions=True)
+        if not done:
+            log.warning("a stream's first message did not arrive within timeouts.hello_s (%g s); ending it with "
+                        "UNAVAILABLE", self.timeouts.hello_s)
+            raise ApiError(grpc.StatusCode.UNAVAILABLE,
+                           f"the stream's first message (Hello) did not reach the server within "
+                           f"{self.timeouts.hello_s:g} s; retry the stream")
+        return fetch.result()
+
     async def _open_stream(self, it, lease: "_StreamLease") -> StreamSettings:
         """Hello -> authorized session, its stream lock, a live route and an open pipeline (recorded in `lease`)."""
         registry, store, client = self._clients()
-        first = await next_request(it)  # StreamCancelled when the client is already gone
+        first = await self._first_request(it)
         if first is None:
             raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "empty stream: the first message must be Hello")
         if isinstance(first, MalformedMessage):
