@@ -28,6 +28,7 @@ import grpc
 from avatarserve.serve.api.errors import ApiError
 from avatarserve.serve.config import AppConfig
 from avatarserve.serve.control.api_keys import ApiKeyError, ApiKeyRecord, ApiKeyStore, QuotaExceeded
+from avatarserve.serve.control.redis_client import cancel_requested
 
 __all__ = ["Authenticator", "Grant", "api_key_from_metadata"]
 
@@ -217,7 +218,7 @@ class Authenticator:
 
     async def _flush_loop(self) -> None:
         meters = self._meters.setdefault(id(asyncio.get_running_loop()), {})
-        while True:
+        while not cancel_requested():  # stopped by a cancel, which a Redis call may swallow
             await asyncio.sleep(self.cfg.usage_flush_s)
             for meter in list(meters.values()):
                 await self._charge(meter)

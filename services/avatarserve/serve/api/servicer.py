@@ -51,7 +51,7 @@ from avatarserve.serve.config import AppConfig
 from avatarserve.serve.control.admission import Admission, AdmissionRefused
 from avatarserve.serve.control.autoscale import WAITING_SESSIONS_METRIC
 from avatarserve.serve.control.live_sessions import GatewaySessionStore
-from avatarserve.serve.control.redis_client import RedisUnavailableError, is_unavailable
+from avatarserve.serve.control.redis_client import RedisUnavailableError, cancel_requested, is_unavailable
 from avatarserve.serve.control.registry import ReplicaRegistry, RouteHop
 from avatarserve.serve.control.session_store import SESSION_FIELDS, SessionRecord, SessionStore, sink_from_bytes
 from avatarserve.serve.dataplane.recovery import RecoveringPipe, Recovery
@@ -404,7 +404,7 @@ class Gateway:
         leaves the store's idle index as it is claimed), so only one closes it. A claimed session that had audio
         after all (its stream's last sync moved the deadline an instant too late) goes back into the index."""
         _, store, _ = self._clients()
-        while True:
+        while not cancel_requested():
             await asyncio.sleep(self.timeouts.idle_sweep_s)
             try:
                 claimed = await store.claim_idle()
@@ -713,7 +713,7 @@ class Gateway:
     async def _keep_session_alive(self, sid: str) -> None:
         """While a stream is open, restart the TTL of every key of its session well before it runs out."""
         period = self.session_ttl_s / 3
-        while True:
+        while not cancel_requested():  # stopped by a cancel, which a Redis call may swallow
             await asyncio.sleep(period)
             try:
                 if not await self._touch_session(sid):
@@ -784,8 +784,9 @@ class _StreamObserver:
 
     async def _sync_loop(self) -> None:
         """Every `timeouts.stream_sync_s`: flush, and end the stream when a close was requested (CloseSession or the
-        idle sweep, on any gateway replica)."""
-        while True:
+        idle sweep, on any gateway replica). Stopped by `finish()`'s cancel, which a Redis call may swallow: then the
+        loop ends at its next check (a stream whose sync kept running never sent its END_OF_STREAM)."""
+        while not cancel_requested():
             await asyncio.sleep(self.gw.timeouts.stream_sync_s)
             try:
                 code = await self.flush()

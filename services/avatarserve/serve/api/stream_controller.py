@@ -48,6 +48,7 @@ from avatarserve_client.v1 import avatar_service_pb2 as pb
 
 from avatarserve.engine.idle import is_idle as is_idle_rms
 from avatarserve.serve.api.errors import ApiError, from_pipeline_error
+from avatarserve.serve.control.redis_client import cancel_requested
 from avatarserve.serve.dataplane.transport import DEADLINE_KEY, BlockItem, ControlItem, PipelineError
 
 # Shortest sleep of the feeder: a deadline reached within the clock's rounding still sleeps, never spins.
@@ -606,12 +607,19 @@ class StreamController:
 
     async def _receive(self) -> None:
         while True:
+            # Delivery writes the session's counters to Redis, which may swallow the cancel that stops this task
+            # (control/redis_client.py `cancel_requested`): a stopped receiver must not go on and queue events that
+            # nobody reads any more.
+            if cancel_requested():
+                raise asyncio.CancelledError()
             item = await self.pipe.receive()
             if item is None:
                 break
             if isinstance(item, ControlItem):
                 continue  # e.g. the adaptive-sink latent on its way to the head: not for the client
             await self._deliver(item)
+        if cancel_requested():
+            raise asyncio.CancelledError()
         for u in self.utterances:  # the input ended (idle timeout) with an utterance still open: all of it played
             u.closed = True
         await self._ended_utterances()

@@ -35,7 +35,7 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional
 import redis.asyncio as aioredis
 
 from avatarserve.serve.config import RedisTimeouts
-from avatarserve.serve.control.redis_client import RedisOutage, RedisUnavailableError, connect
+from avatarserve.serve.control.redis_client import RedisOutage, RedisUnavailableError, cancel_requested, connect
 from avatarserve.serve.control.session_store import SessionStore, StoreError, StoreUnavailableError
 
 __all__ = ["GatewaySessionStore", "LiveSession"]
@@ -287,7 +287,7 @@ class GatewaySessionStore(SessionStore):
     async def _watch(self) -> None:
         """Every `probe_s` while sessions are tracked or write-behind is on: probe Redis, write back when it returns
         (or restarted unnoticed), refresh sink copies that lack the adaptive-sink latent."""
-        while self._live or self._deferring:
+        while (self._live or self._deferring) and not cancel_requested():  # a Redis call may swallow the stop
             await asyncio.sleep(self.options.probe_s)
             try:
                 try:

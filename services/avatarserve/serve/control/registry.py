@@ -44,7 +44,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from avatarserve.serve.config import RedisTimeouts
-from avatarserve.serve.control.redis_client import RedisOutage, RedisUnavailableError, connect, translate_unavailable
+from avatarserve.serve.control.redis_client import (RedisOutage, RedisUnavailableError, cancel_requested, connect,
+                                                     translate_unavailable)
 
 __all__ = [
     "NoReplicaAvailableError",
@@ -598,7 +599,7 @@ class ReplicaHeartbeat:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="replica-heartbeat")
 
     async def _run(self) -> None:
-        while True:
+        while not cancel_requested():  # stopped by a cancel, which a Redis call may swallow
             await asyncio.sleep(self.interval_s)
             await self.beat()
 
