@@ -19,16 +19,14 @@ from avatarserve.serve.control.registry import ReplicaHeartbeat, ReplicaInfo
 STOP_S = 10.0  # a stop that has not happened within this is a hang (the loops' own calls take milliseconds)
 
 
-class _SwallowingRegistry:
-    """A registry whose heartbeat swallows a cancel that arrives mid-call (what redis.asyncio sometimes does)."""
-
-    ttl_s = 10.0
+class _SwallowingCall:
+    """A Redis call that swallows a cancel arriving while it runs (what redis.asyncio sometimes does)."""
 
     def __init__(self) -> None:
-        self.in_call = asyncio.Event()
+        self.in_call = asyncio.Event()  # set while a call runs
         self.swallowed = 0
 
-    async def heartbeat(self, info: ReplicaInfo):
+    async def call(self) -> None:
         self.in_call.set()
         try:
             await asyncio.sleep(0.05)
@@ -36,6 +34,13 @@ class _SwallowingRegistry:
             self.swallowed += 1
         finally:
             self.in_call.clear()
+
+
+class _SwallowingRegistry(_SwallowingCall):
+    ttl_s = 10.0
+
+    async def heartbeat(self, info: ReplicaInfo):
+        await self.call()
         return info, 0
 
 
@@ -104,25 +109,14 @@ def test_cancel_requested_outside_and_inside_a_task():
     assert asyncio.run(run()) == [False, True]
 
 
-class _SwallowingStore:
-    """A session store whose stream sync swallows a cancel that arrives mid-call."""
-
-    def __init__(self) -> None:
-        self.in_call = asyncio.Event()
-        self.swallowed = 0
-        self.final = None
+class _SwallowingStore(_SwallowingCall):
+    final = None  # fields of the final flush (finish)
 
     async def sync_stream(self, sid, *, deltas, fields, idle_deadline_ms):
-        if "state" not in fields:  # the final flush (finish): record it
+        if "state" not in fields:
             self.final = dict(fields)
-            return ""
-        self.in_call.set()
-        try:
-            await asyncio.sleep(0.05)
-        except asyncio.CancelledError:
-            self.swallowed += 1
-        finally:
-            self.in_call.clear()
+        else:
+            await self.call()
         return ""
 
 

@@ -607,9 +607,9 @@ class StreamController:
 
     async def _receive(self) -> None:
         while True:
-            # Delivery writes the session's counters to Redis, which may swallow the cancel that stops this task
-            # (control/redis_client.py `cancel_requested`): a stopped receiver must not go on and queue events that
-            # nobody reads any more.
+            # The last delivery wrote the session's counters to Redis, which may swallow the cancel that stops this
+            # task (control/redis_client.py `cancel_requested`): a stopped receiver must not go on and queue events
+            # that nobody reads any more. (Nothing else here touches Redis: a break below needs no second check.)
             if cancel_requested():
                 raise asyncio.CancelledError()
             item = await self.pipe.receive()
@@ -618,8 +618,6 @@ class StreamController:
             if isinstance(item, ControlItem):
                 continue  # e.g. the adaptive-sink latent on its way to the head: not for the client
             await self._deliver(item)
-        if cancel_requested():
-            raise asyncio.CancelledError()
         for u in self.utterances:  # the input ended (idle timeout) with an utterance still open: all of it played
             u.closed = True
         await self._ended_utterances()
