@@ -28,7 +28,7 @@ import grpc
 from avatarserve.serve.api.errors import ApiError
 from avatarserve.serve.config import AppConfig
 from avatarserve.serve.control.api_keys import ApiKeyError, ApiKeyRecord, ApiKeyStore, QuotaExceeded
-from avatarserve.serve.control.redis_client import cancel_requested
+from avatarserve.serve.cancel_safe import cancel_requested
 
 __all__ = ["Authenticator", "Grant", "api_key_from_metadata"]
 

@@ -47,11 +47,12 @@ from avatarserve.serve.api.errors import (ApiError, StreamFailed, apply_to_conte
 from avatarserve.serve.api.grpc_service import MalformedMessage
 from avatarserve.serve.api.stream_controller import (DRAINING_ENDS, Counters, StreamCancelled, StreamController,
                                                      StreamSettings, next_request)
+from avatarserve.serve.cancel_safe import cancel_requested, wait_for
 from avatarserve.serve.config import AppConfig
 from avatarserve.serve.control.admission import Admission, AdmissionRefused
 from avatarserve.serve.control.autoscale import WAITING_SESSIONS_METRIC
 from avatarserve.serve.control.live_sessions import GatewaySessionStore
-from avatarserve.serve.control.redis_client import RedisUnavailableError, cancel_requested, is_unavailable
+from avatarserve.serve.control.redis_client import RedisUnavailableError, is_unavailable
 from avatarserve.serve.control.registry import ReplicaRegistry, RouteHop
 from avatarserve.serve.control.session_store import SESSION_FIELDS, SessionRecord, SessionStore, sink_from_bytes
 from avatarserve.serve.dataplane.recovery import RecoveringPipe, Recovery
@@ -280,7 +281,7 @@ class Gateway:
                            {"retry-after-ms": str(exc.retry_after_ms)}) from exc
         try:
             try:
-                blob = await asyncio.wait_for(
+                blob = await wait_for(
                     self.vae.prepare_session.remote(bytes(request.reference_image), request.prompt, opts["seed"]),
                     self.timeouts.prepare_session_s)
             except asyncio.TimeoutError as exc:
@@ -865,7 +866,7 @@ async def _reachable(address: str, timeout_s: float) -> bool:
     """Does anything accept a TCP connection at host:port within `timeout_s`? (A killed replica's port refuses.)"""
     host, _, port = address.rpartition(":")
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), timeout_s)
+        _, writer = await wait_for(asyncio.open_connection(host.strip("[]"), int(port)), timeout_s)
     except (OSError, asyncio.TimeoutError, ValueError):
         return False
     writer.close()

@@ -48,7 +48,7 @@ from avatarserve_client.v1 import avatar_service_pb2 as pb
 
 from avatarserve.engine.idle import is_idle as is_idle_rms
 from avatarserve.serve.api.errors import ApiError, from_pipeline_error
-from avatarserve.serve.control.redis_client import cancel_requested
+from avatarserve.serve.cancel_safe import cancel_requested
 from avatarserve.serve.dataplane.transport import DEADLINE_KEY, BlockItem, ControlItem, PipelineError
 
 # Shortest sleep of the feeder: a deadline reached within the clock's rounding still sleeps, never spins.
@@ -557,6 +557,10 @@ class StreamController:
         """
         spb = self.s.samples_per_block
         while True:
+            # A cancelled feeder (the client went away) must not generate the rest of the buffered audio, even if a
+            # library call of its last send dropped the cancel (serve/cancel_safe.py).
+            if cancel_requested():
+                raise asyncio.CancelledError()
             self._wake.clear()
             room = len(self.in_flight) < self.s.max_in_flight
             if room:
@@ -607,9 +611,8 @@ class StreamController:
 
     async def _receive(self) -> None:
         while True:
-            # The last delivery wrote the session's counters to Redis, which may swallow the cancel that stops this
-            # task (control/redis_client.py `cancel_requested`): a stopped receiver must not go on and queue events
-            # that nobody reads any more. (Nothing else here touches Redis: a break below needs no second check.)
+            # A library call of the last delivery (its Redis write) may have dropped the cancel that stops this
+            # task (serve/cancel_safe.py): a stopped receiver must not go on and queue events nobody reads any more.
             if cancel_requested():
                 raise asyncio.CancelledError()
             item = await self.pipe.receive()

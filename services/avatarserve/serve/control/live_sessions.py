@@ -35,7 +35,8 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional
 import redis.asyncio as aioredis
 
 from avatarserve.serve.config import RedisTimeouts
-from avatarserve.serve.control.redis_client import RedisOutage, RedisUnavailableError, cancel_requested, connect
+from avatarserve.serve.cancel_safe import cancel_requested
+from avatarserve.serve.control.redis_client import RedisOutage, RedisUnavailableError, connect
 from avatarserve.serve.control.session_store import SessionStore, StoreError, StoreUnavailableError
 
 __all__ = ["GatewaySessionStore", "LiveSession"]

@@ -4,6 +4,9 @@
   per-command timeout, TCP keepalive, and ONE immediate retry on a connection error. The retry is what makes the
   client recover the moment Redis is back: after a Redis restart every pooled connection is a dead socket, and
   without a retry each of them fails one command ("Connection closed by server") before it reconnects.
+  Its connections never drop a cancel: redis.asyncio sends a command under Python 3.11's `asyncio.wait_for`, which
+  returns normally when the cancel and the send's completion meet in one loop turn (serve/cancel_safe.py); the
+  connection raises that cancel again (measured before: about one cancel in ten of a loop of script calls ran on).
 - `translate_unavailable()` is a class decorator for the Redis-owning layers (control/session_store.py,
   control/registry.py): every public coroutine method re-raises redis' ConnectionError / TimeoutError (and the
   OSErrors under them) as that layer's subclass of `RedisUnavailableError`, once, here. Everything above catches one
@@ -27,10 +30,11 @@ from redis.backoff import ConstantBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from avatarserve.serve.cancel_safe import cancels_of_current_task
 from avatarserve.serve.config import RedisTimeouts
 
-__all__ = ["RECONNECT_BACKOFF_S", "RedisOutage", "RedisUnavailableError", "cancel_requested", "connect",
-           "is_unavailable", "translate_unavailable"]
+__all__ = ["RECONNECT_BACKOFF_S", "RedisOutage", "RedisUnavailableError", "connect", "is_unavailable",
+           "translate_unavailable"]
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +51,6 @@ class RedisUnavailableError(Exception):
     write may or may not have happened (as with any lost reply)."""
 
 
-def cancel_requested() -> bool:
-    """Has the current task been asked to stop (`Task.cancel()`) without the CancelledError having ended it?
-
-    redis.asyncio (8.1.0 on Python 3.11) can swallow a cancellation that arrives while a command runs: the command
-    returns normally and the task runs on (measured: a task looping over a script call, cancelled at random moments,
-    kept running after about one cancel in ten). A loop that is stopped by cancelling it checks this after its Redis
-    calls, or `task.cancel(); await task` can wait forever."""
-    try:
-        task = asyncio.current_task()
-    except RuntimeError:  # no running event loop: no task to stop
-        return False
-    return task is not None and task.cancelling() > 0
-
-
 def is_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, (RedisUnavailableError, *_UNAVAILABLE))
 
@@ -68,10 +58,34 @@ def is_unavailable(exc: BaseException) -> bool:
 def connect(url: str, options: Optional[RedisTimeouts] = None, *, decode_responses: bool = False) -> aioredis.Redis:
     """A `redis.asyncio` client for `url` with the timeouts of `options` (default: `RedisTimeouts()`)."""
     o = options or RedisTimeouts()
-    return aioredis.Redis.from_url(
+    client = aioredis.Redis.from_url(
         url, decode_responses=decode_responses, socket_connect_timeout=o.connect_s, socket_timeout=o.call_s,
         socket_keepalive=True, retry=Retry(ConstantBackoff(RECONNECT_BACKOFF_S), 1),
         retry_on_error=[RedisConnectionError])
+    pool = client.connection_pool  # connects lazily: no connection of the original class exists yet
+    pool.connection_class = cancel_safe_connection(pool.connection_class)
+    return client
+
+
+@functools.lru_cache(maxsize=None)
+def cancel_safe_connection(base: type) -> type:
+    """`base` (the connection class the URL's scheme chose: TCP, TLS or a Unix socket) whose sends never drop a cancel.
+
+    Every command, pipeline and pub/sub message goes out through `send_packed_command`. When a cancel of the calling
+    task arrived during the send and the send still returned, the cancel is raised here; the connection is closed
+    first, because the command's reply is still unread (the next user would read it as theirs). As with any cancel
+    during a command, the command may or may not have run."""
+
+    class CancelSafe(base):  # type: ignore[misc, valid-type]
+        async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+            cancels = cancels_of_current_task()
+            await super().send_packed_command(command, check_health)
+            if cancels_of_current_task() > cancels:
+                await self.disconnect(nowait=True)
+                raise asyncio.CancelledError()
+
+    CancelSafe.__name__ = CancelSafe.__qualname__ = f"CancelSafe{base.__name__}"
+    return CancelSafe
 
 
 E = TypeVar("E", bound=RedisUnavailableError)

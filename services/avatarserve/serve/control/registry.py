@@ -43,9 +43,9 @@ from typing import Callable, Mapping, Optional, Sequence
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from avatarserve.serve.cancel_safe import cancel_requested
 from avatarserve.serve.config import RedisTimeouts
-from avatarserve.serve.control.redis_client import (RedisOutage, RedisUnavailableError, cancel_requested, connect,
-                                                     translate_unavailable)
+from avatarserve.serve.control.redis_client import RedisOutage, RedisUnavailableError, connect, translate_unavailable
 
 __all__ = [
     "NoReplicaAvailableError",

@@ -30,6 +30,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, replace
 from typing import Awaitable, Callable, Deque, List, Optional, Union
 
+from avatarserve.serve.cancel_safe import wait_for
 from avatarserve.serve.dataplane.transport import (
     REPLAY_KEY,
     BlockItem,
@@ -162,7 +163,7 @@ class RecoveringPipe:
         pipe = self._pipe
         if pipe is not None and drain_s > 0 and not pipe.finished:
             try:
-                await asyncio.wait_for(self._drain(pipe), drain_s)
+                await wait_for(self._drain(pipe), drain_s)
             except (asyncio.TimeoutError, PipelineError, ProtocolError):
                 pass
         await self._drop_receive()  # (cancelling a read cancels the call: only once the pipe is done with)

@@ -36,6 +36,7 @@ from typing import Any, Callable, Coroutine, Optional, Tuple, TypeVar, Union
 import grpc
 import grpc.aio
 
+from avatarserve.serve.cancel_safe import wait_for
 from avatarserve.serve.dataplane.transport import (
     BlockItem,
     ChannelPool,
@@ -404,7 +405,7 @@ class _HopSession:
         try:
             # Bounded: a handler stuck on a block (the reason a caller may have given up on this pipe) must not
             # keep the session here forever.
-            outs = await asyncio.wait_for(asyncio.shield(task), self.host.config.drain_timeout_s)
+            outs = await wait_for(asyncio.shield(task), self.host.config.drain_timeout_s)
             self._done(item, recv, start, outs)
             return True
         except BaseException:  # noqa: BLE001 - the block failed, was cancelled or is stuck: the state is unknown
@@ -437,7 +438,7 @@ class _HopSession:
         self._cancel("reader")
         if self.call is not None and not self.downstream_done.is_set():
             try:
-                await asyncio.wait_for(self._drain_downstream(), self.host.config.drain_timeout_s)
+                await wait_for(self._drain_downstream(), self.host.config.drain_timeout_s)
             except asyncio.TimeoutError:
                 message += f" (next hop did not drain within {self.host.config.drain_timeout_s:g}s)"
         await self._put_up(self._error(code, message), terminal=True)
@@ -686,7 +687,7 @@ class StageHost:
 
     async def _pipe(self, _requests: Any, context: grpc.aio.ServicerContext) -> None:
         try:
-            first = await asyncio.wait_for(context.read(), self.config.transport.open_timeout_s)
+            first = await wait_for(context.read(), self.config.transport.open_timeout_s)
         except asyncio.TimeoutError:
             await context.write(self._reject("", ErrorCode.DEADLINE_EXCEEDED, "no open item received"))
             return
@@ -721,7 +722,7 @@ class StageHost:
                 previous._abort(ErrorCode.UNAVAILABLE, f"session {sid!r} was reopened on {self.name}: this pipe "
                                                        "is superseded")
             try:
-                await asyncio.wait_for(previous.closed.wait(), self.config.drain_timeout_s)
+                await wait_for(previous.closed.wait(), self.config.drain_timeout_s)
             except asyncio.TimeoutError:
                 if previous.task is not None:  # its caller stopped reading: cancel the call outright
                     previous.task.cancel()

@@ -31,6 +31,7 @@ import grpc.aio
 import numpy as np
 from avatarserve_client._streaming import wait_event  # one cancel-safe wait for the SDK and the server
 
+from avatarserve.serve.cancel_safe import wait_for
 from avatarserve.stage.v1 import stage_pb2 as pb
 
 if TYPE_CHECKING:  # torch is imported lazily: the gateway path does not need it to relay bytes.
@@ -716,7 +717,7 @@ async def open_pipe(
 
     try:
         # The write is bounded too: it waits for the stream to start on a connection every session shares.
-        first = await asyncio.wait_for(handshake(), timeout_s)
+        first = await wait_for(handshake(), timeout_s)
     except asyncio.TimeoutError:
         call.cancel()
         raise PipelineError(ErrorCode.DEADLINE_EXCEEDED, f"{target} did not acknowledge the open within {timeout_s:g}s", session_id=session_id) from None
