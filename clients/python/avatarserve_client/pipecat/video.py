@@ -362,9 +362,7 @@ class AvatarServeVideoService(AIService):
             return
         self._ending = True
         self._pending.put_nowait((self._generation, _END_OF_INPUT, None))
-        try:
-            await asyncio.wait_for(self._stream_done.wait(), timeout=self._drain_timeout_s)
-        except asyncio.TimeoutError:
+        if not await wait_event(self._stream_done, self._drain_timeout_s):
             await self.push_error(f"AvatarServe stream did not drain within {self._drain_timeout_s} s; closing it")
         await self._release_held(everything=True)
 
