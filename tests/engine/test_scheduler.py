@@ -1,11 +1,13 @@
 """`StageScheduler`: earliest deadline first, batches of different sessions, one block per session per batch and in
-order, calls first and on the same thread, failures per block, deadline accounting, capacity from measured cost.
+order, calls first and on the same thread, failures per block, deadline accounting, capacity from measured cost,
+waiting briefly for the sessions of the last batch so that sessions behind real time keep being batched.
 Every test holds the compute thread on an event while it queues work, so the order is decided by the scheduler
 alone (no sleeps)."""
 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -103,6 +105,76 @@ def test_a_batch_takes_late_heads_before_on_time_ones():
         assert rec.batches == [["c0", "b0"], ["a0"]]
     finally:
         sched.close()
+
+
+def _until(what: str, cond) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not cond():
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.001)
+
+
+def test_a_returning_session_is_waited_for_and_batched_with_the_one_that_was_ready():
+    """The serving layer submits a session's next block only after its previous result: without the wait, two
+    sessions behind real time would alternate single blocks ([b1], [a1], ...) instead of sharing one call."""
+    rec = _Recorder()
+    sched = _scheduler(rec, max_batch=2, clock=lambda: 0.0, batch_linger_s=WAIT_S)  # only a submit ends the wait
+    try:
+        release = _held(sched)
+        first = [sched.submit("a", "a0", 1.0), sched.submit("b", "b0", 2.0)]
+        release.set()
+        for f in first:
+            f.result(WAIT_S)
+        b1 = sched.submit("b", "b1", 3.0)
+        _until("the thread waits for a", lambda: sched.lingers >= 1)
+        assert not b1.done()
+        a1 = sched.submit("a", "a1", 4.0)
+        assert (b1.result(WAIT_S), a1.result(WAIT_S)) == ("done b1", "done a1")
+        assert rec.batches == [["a0", "b0"], ["b1", "a1"]]
+    finally:
+        sched.close()
+
+
+def test_a_session_that_does_not_return_delays_the_ready_ones_by_the_linger_only():
+    rec = _Recorder()
+    sched = _scheduler(rec, max_batch=2, clock=lambda: 0.0, batch_linger_s=0.05)
+    try:
+        release = _held(sched)
+        first = [sched.submit("a", "a0", 1.0), sched.submit("b", "b0", 2.0)]
+        release.set()
+        for f in first:
+            f.result(WAIT_S)
+        assert sched.submit("b", "b1", 3.0).result(WAIT_S) == "done b1"  # a never came back
+        assert rec.batches == [["a0", "b0"], ["b1"]]
+        # Sessions that left are forgotten once their wait is over, also when only full batches follow.
+        left_at = time.monotonic()
+        _until("b's wait is over", lambda: time.monotonic() > left_at + 0.05)
+        release = _held(sched)
+        full = [sched.submit("c", "c0", 4.0), sched.submit("d", "d0", 5.0)]
+        release.set()
+        for f in full:
+            f.result(WAIT_S)
+        _until("the batch was accounted", lambda: set(sched._returning) == {"c", "d"})
+    finally:
+        sched.close()
+
+
+def test_no_wait_with_batches_of_one_or_without_a_linger():
+    for kw in ({"max_batch": 1, "batch_linger_s": WAIT_S}, {"max_batch": 2}):
+        rec = _Recorder()
+        sched = _scheduler(rec, clock=lambda: 0.0, **kw)
+        try:
+            release = _held(sched)
+            first = [sched.submit("a", "a0", 1.0), sched.submit("b", "b0", 2.0)]
+            release.set()
+            for f in first:
+                f.result(WAIT_S)
+            assert sched.submit("b", "b1", 3.0).result(WAIT_S) == "done b1"  # at once: a is not waited for
+            assert sched.lingers == 0
+        finally:
+            sched.close()
+    with pytest.raises(ValueError):
+        _scheduler(_Recorder(), batch_linger_s=-1.0)
 
 
 def test_calls_run_first_and_on_the_compute_thread():

@@ -26,7 +26,8 @@ WAIT_S = 120.0
 def _config(redis_url: str, max_batch: int) -> dict:
     return {"name": "DenoiseStage0", "model": {"config": "tiny", "seed": 0}, "redis_url": redis_url,
             "namespace": "hbatch:", "session_ttl_s": 60.0, "redis": RedisTimeouts().model_dump(),
-            "torch_threads": 1, "step": 0, "aas_wait_s": 5.0, "max_batch": max_batch, "utilization": 0.9}
+            "torch_threads": 1, "step": 0, "aas_wait_s": 5.0, "max_batch": max_batch, "utilization": 0.9,
+            "batch_linger_s": 0.0}
 
 
 async def test_blocks_of_different_sessions_share_one_forward_and_each_gets_its_own_result(redis_server):

@@ -66,7 +66,8 @@ def stage_specs(app: AppConfig) -> List[Tuple[str, StageSpec]]:
     """(role, spec) of every stage deployment, in route order."""
     base = {"redis_url": app.redis_url, "namespace": app.namespace, "session_ttl_s": app.timeouts.session_ttl_s,
             "redis": app.timeouts.redis.model_dump(),
-            "torch_threads": app.torch_threads, "utilization": app.scheduling.utilization}
+            "torch_threads": app.torch_threads, "utilization": app.scheduling.utilization,
+            "batch_linger_s": app.scheduling.batch_linger_s}
     out = []
     for dep in app.stage_deployments:
         role = app.role_of(dep)

@@ -404,6 +404,12 @@ class SchedulingSection(_Strict):
     utilization: float = Field(0.9, gt=0, le=1, description="Share of a block's duration a stage may spend "
                                                             "computing when it estimates the real-time sessions it "
                                                             "can take (metric avatarserve_replica_realtime_capacity).")
+    batch_linger_s: float = Field(
+        0.02, ge=0, le=1, description="How long a stage's compute thread waits, with fewer than max_batch blocks "
+                                      "ready, for the sessions of the batch it just finished to submit their next "
+                                      "block (they arrive a moment after their result), so that sessions behind "
+                                      "real time are batched instead of alternating single blocks. A session with "
+                                      "nothing queued costs the others at most this. 0: never wait.")
     admit_by: Literal["measured", "configured"] = Field(
         "measured", description="Sessions a stage replica takes, for admission and the autoscaling policy. "
                                 "'measured': the real-time sessions its measured step cost (timed on synthetic "

@@ -90,6 +90,7 @@ class EngineHandlerConfig(BaseModel):
     max_batch: int = Field(ge=1, description="scheduling.max_batch for denoise stages and the VAE decoder, 1 for the "
                                              "audio encoder.")
     utilization: float = Field(gt=0, le=1, description="scheduling.utilization.")
+    batch_linger_s: float = Field(ge=0, le=1, description="scheduling.batch_linger_s.")
     step: Optional[int] = Field(None, ge=0, description="Denoise stages only: the denoising step it runs.")
     aas_wait_s: Optional[float] = Field(None, gt=0, description="Denoise stages only: timeouts.aas_wait_s.")
 
@@ -122,6 +123,7 @@ class _EngineHandler:
         self._metrics: Any = None
         self.scheduler = StageScheduler(self._measured_batch, max_batch=self.config.max_batch,
                                         block_seconds=self.stream.block_seconds, utilization=self.config.utilization,
+                                        batch_linger_s=self.config.batch_linger_s,
                                         name=self.name, on_batch=self._on_batch)
         self._store: Optional[SessionStore] = None
         self.session_options: Dict[str, dict] = {}
