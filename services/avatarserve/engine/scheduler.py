@@ -14,8 +14,8 @@ A stage replica runs its model on one compute thread. `StageScheduler` owns that
 - **Gathering a batch**: when a batch finishes, its sessions are *returning*: their next blocks, if they have
   some waiting upstream, arrive a moment later (the serving layer submits a session's next block only after the
   previous one's result). Taking whatever is queued at once would then pair nobody: under load two sessions would
-  alternate single blocks forever (measured on the toy VAE decoder: 71% of its decode time in unbatched blocks with
-  two sessions behind real time). So while fewer than `max_batch` heads are ready, the thread waits up to
+  alternate single blocks forever (measured on the toy VAE decoder: about 69% of its decode time in unbatched
+  blocks with two sessions behind real time). So while fewer than `max_batch` heads are ready, the thread waits up to
   `batch_linger_s` for the returning sessions; one that comes back is batched, one that has nothing queued costs
   the others at most that wait. Never with `max_batch` 1.
 - **Calls** (`call(fn, ...)`: session creation, sink prefill, close) run on the same thread before any block, so

@@ -158,7 +158,7 @@ class _RMSNormBySumOfSquares(WanRMS_norm):
 
     The same formula as `F.normalize` (x / max(norm, 1e-12)), equal up to float round-off, but PyTorch's CPU
     `vector_norm` over dim 1 of a [B, C, T, H, W] tensor is slow: it took a quarter of a toy-model decode (192 of 738
-    ms for 4 sessions' blocks, one thread), and sum-of-squares is 1.7-10x faster on the decoder's shapes (measured
+    ms for 4 sessions' blocks, one thread), and sum-of-squares is 1.4-11x faster on the decoder's shapes (measured
     here). Other devices keep diffusers' own code."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
