@@ -114,17 +114,23 @@ def _until(what: str, cond) -> None:
         time.sleep(0.001)
 
 
+def _run_together(sched: StageScheduler, *blocks) -> None:
+    """Submit (session, work, deadline) blocks while the compute thread is held, so they meet in one take; wait for
+    all of them."""
+    release = _held(sched)
+    futs = [sched.submit(*b) for b in blocks]
+    release.set()
+    for f in futs:
+        f.result(WAIT_S)
+
+
 def test_a_returning_session_is_waited_for_and_batched_with_the_one_that_was_ready():
     """The serving layer submits a session's next block only after its previous result: without the wait, two
     sessions behind real time would alternate single blocks ([b1], [a1], ...) instead of sharing one call."""
     rec = _Recorder()
     sched = _scheduler(rec, max_batch=2, clock=lambda: 0.0, batch_linger_s=WAIT_S)  # only a submit ends the wait
     try:
-        release = _held(sched)
-        first = [sched.submit("a", "a0", 1.0), sched.submit("b", "b0", 2.0)]
-        release.set()
-        for f in first:
-            f.result(WAIT_S)
+        _run_together(sched, ("a", "a0", 1.0), ("b", "b0", 2.0))
         b1 = sched.submit("b", "b1", 3.0)
         _until("the thread waits for a", lambda: sched.lingers >= 1)
         assert not b1.done()
@@ -139,21 +145,13 @@ def test_a_session_that_does_not_return_delays_the_ready_ones_by_the_linger_only
     rec = _Recorder()
     sched = _scheduler(rec, max_batch=2, clock=lambda: 0.0, batch_linger_s=0.05)
     try:
-        release = _held(sched)
-        first = [sched.submit("a", "a0", 1.0), sched.submit("b", "b0", 2.0)]
-        release.set()
-        for f in first:
-            f.result(WAIT_S)
+        _run_together(sched, ("a", "a0", 1.0), ("b", "b0", 2.0))
         assert sched.submit("b", "b1", 3.0).result(WAIT_S) == "done b1"  # a never came back
         assert rec.batches == [["a0", "b0"], ["b1"]]
         # Sessions that left are forgotten once their wait is over, also when only full batches follow.
         left_at = time.monotonic()
         _until("b's wait is over", lambda: time.monotonic() > left_at + 0.05)
-        release = _held(sched)
-        full = [sched.submit("c", "c0", 4.0), sched.submit("d", "d0", 5.0)]
-        release.set()
-        for f in full:
-            f.result(WAIT_S)
+        _run_together(sched, ("c", "c0", 4.0), ("d", "d0", 5.0))
         _until("the batch was accounted", lambda: set(sched._returning) == {"c", "d"})
     finally:
         sched.close()
@@ -164,11 +162,7 @@ def test_no_wait_with_batches_of_one_or_without_a_linger():
         rec = _Recorder()
         sched = _scheduler(rec, clock=lambda: 0.0, **kw)
         try:
-            release = _held(sched)
-            first = [sched.submit("a", "a0", 1.0), sched.submit("b", "b0", 2.0)]
-            release.set()
-            for f in first:
-                f.result(WAIT_S)
+            _run_together(sched, ("a", "a0", 1.0), ("b", "b0", 2.0))
             assert sched.submit("b", "b1", 3.0).result(WAIT_S) == "done b1"  # at once: a is not waited for
             assert sched.lingers == 0
         finally:
