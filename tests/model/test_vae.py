@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import threading
 from typing import Dict, List
@@ -206,6 +207,36 @@ def test_encode_shapes_and_parity_with_diffusers(vae: StreamingVAE) -> None:
     # motion latents upstream-style: 73 copies of the reference -> 19 latents
     motion = vae.encode_video(image[:1].unsqueeze(2).expand(1, 3, 73, 64, 48).contiguous())
     assert motion.shape == (1, 16, 19, 8, 6)
+
+
+def test_cpu_replacements_equal_diffusers_modules_and_one_session_avoids_the_slow_conv(vae: StreamingVAE) -> None:
+    """On CPU, StreamingVAE swaps in a faster RMS norm and makes every spatial conv take oneDNN (PyTorch's heuristic
+    sends batch-1 convs of these shapes to its reference kernel, 5-6x slower). Same outputs up to float round-off."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
+    from torch.profiler import ProfilerActivity, profile
+
+    from avatarserve.model.vae import _CausalConv3dOneDNN, _RMSNormBySumOfSquares
+
+    swapped = {type(m) for m in vae.vae.modules()}
+    assert _CausalConv3dOneDNN in swapped and _RMSNormBySumOfSquares in swapped
+    assert WanCausalConv3d not in swapped and WanRMS_norm not in swapped
+    plain = copy.deepcopy(vae.vae)
+    for m in plain.modules():  # diffusers' own classes again
+        if isinstance(m, _CausalConv3dOneDNN):
+            m.__class__ = WanCausalConv3d
+        elif isinstance(m, _RMSNormBySumOfSquares):
+            m.__class__ = WanRMS_norm
+    z = _latents(3, seed=41)
+    with torch.no_grad():
+        ours, theirs = vae.vae.decode(z).sample, plain.decode(z).sample
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        vae.decode_stream(vae.new_decode_state(), z[:, :, :2])
+    slow = [e.input_shapes[1] for e in prof.events() if e.name == "aten::slow_conv3d_forward"]
+    assert all(shape[-1] == shape[-2] == 1 for shape in slow), slow  # only 1x1 spatial kernels (faster there)
+    assert any(e.name == "aten::mkldnn_convolution" for e in prof.events())
 
 
 def test_normalization_uses_config_statistics() -> None:

@@ -18,11 +18,14 @@ import sys
 import pytest
 import redis.asyncio as aioredis
 
+from avatarserve_client._streaming import wait_done
+
 from avatarserve.serve.cancel_safe import cancel_requested, wait_for
 from avatarserve.serve.control.redis_client import cancel_safe_connection, connect
 from avatarserve.serve.control.registry import ReplicaHeartbeat, ReplicaInfo
 
-SERVICES = pathlib.Path(__file__).resolve().parents[2] / "services" / "avatarserve"
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+PACKAGES = (ROOT / "services" / "avatarserve", ROOT / "clients" / "python" / "avatarserve_client")
 
 STOP_S = 10.0  # a stop that has not happened within this is a hang (the loops' own calls take milliseconds)
 
@@ -119,6 +122,20 @@ def test_wait_for_raises_a_cancel_that_arrives_with_the_result():
         assert asyncio.run(_cancel_with_the_result(asyncio.tasks.wait_for)) == ("str", ["done"])
 
 
+def test_the_sdks_bounded_wait_raises_a_cancel_that_arrives_with_the_result():
+    """`wait_done` (the client package, Python 3.10+, its close paths) loses the same race neither."""
+    assert asyncio.run(_cancel_with_the_result(wait_done)) == ("CancelledError", [])
+
+    async def run():
+        slow = asyncio.get_running_loop().create_task(asyncio.sleep(10))
+        assert not await wait_done(slow, 0.01)
+        assert not slow.done()  # the caller decides: it is not cancelled on expiry
+        slow.cancel()
+        assert await wait_done(asyncio.sleep(0), 10.0)
+
+    asyncio.run(run())
+
+
 def test_wait_for_still_times_out_and_returns():
     async def run():
         assert await wait_for(asyncio.sleep(0, "x"), 10.0) == "x"
@@ -176,10 +193,11 @@ def test_connect_keeps_the_scheme_connection_class_and_makes_it_cancel_safe():
     assert cancel_safe_connection(aioredis.Connection) is tcp  # one class per base
 
 
-def test_the_server_never_calls_asyncio_wait_for():
-    """Its bounded waits go through `cancel_safe.wait_for` (comments and docstrings may name the other one)."""
+def test_neither_server_nor_sdk_calls_asyncio_wait_for():
+    """Their bounded waits go through `cancel_safe.wait_for` or the SDK's `wait_done` / `wait_event` (comments and
+    docstrings may name the other one)."""
     call = re.compile(r"^[^#]*\basyncio\.wait_for\(")
-    offenders = [f"{path.relative_to(SERVICES)}:{n}" for path in SERVICES.rglob("*.py")
+    offenders = [f"{path.relative_to(ROOT)}:{n}" for package in PACKAGES for path in package.rglob("*.py")
                  for n, line in enumerate(path.read_text().splitlines(), 1)
                  if call.match(line) and not line.lstrip().startswith(("`", '"'))]
     assert offenders == []

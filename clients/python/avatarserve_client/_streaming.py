@@ -39,6 +39,15 @@ async def wait_event(event: asyncio.Event, timeout: float) -> bool:
     return bool(done)
 
 
+async def wait_done(awaitable: Any, timeout: float) -> bool:
+    """Wait until `awaitable` (a task, future or coroutine, run as a task) is done (True) or `timeout` seconds passed
+    (False, and it keeps running: the caller decides whether to cancel it). Not `asyncio.wait_for`: before Python
+    3.12 that drops a cancellation of the caller arriving with the result, and it cancels the work on expiry."""
+    future = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({future}, timeout=timeout)
+    return bool(done)
+
+
 class StreamMarker(enum.Enum):
     """In-band commands that may appear in an audio iterable; sent in order with the audio."""
 

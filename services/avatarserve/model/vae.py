@@ -81,7 +81,7 @@ class VaeCompatibilityError(RuntimeError):
 _EXPECTED_SIGNATURES: Dict[str, Tuple[str, ...]] = {
     "WanDecoder3d.forward": ("self", "x", "feat_cache", "feat_idx", "first_chunk"),
     "WanEncoder3d.forward": ("self", "x", "feat_cache", "feat_idx"),
-    "WanCausalConv3d.forward": ("self", "x", "cache_x"),
+    "WanCausalConv3d.forward": ("self", "x", "cache_x"),  # its conv: `_CausalConv3dOneDNN` on CPU
     "WanRMS_norm.forward": ("self", "x"),  # replaced on CPU by `_RMSNormBySumOfSquares`
 }
 
@@ -169,6 +169,28 @@ class _RMSNormBySumOfSquares(WanRMS_norm):
         return (y / norm).to(x.dtype) * self.scale * self.gamma + self.bias
 
 
+class _CausalConv3dOneDNN(WanCausalConv3d):
+    """diffusers' `WanCausalConv3d` whose convolution always takes oneDNN (mkldnn) on CPU for float32.
+
+    PyTorch picks its kernel with a heuristic written for 4-D inputs: a 5-D input of batch 1 with a 3x3 spatial kernel
+    whose N*C*T*H is at most 20480 goes to the reference `slow_conv3d`. That is every conv of a one-session decode of
+    the toy VAE (e.g. [1, 16, 6, 66, 66]), which ran 5-6x slower there than on oneDNN (21.8 vs 3.6 ms, one thread,
+    measured here) and made one session's decode cost more than four sessions' batched ones (406 vs 697 ms). oneDNN is
+    the kernel PyTorch already uses for batches, so results differ from the reference kernel's by float round-off.
+    Other devices, dtypes and anything that needs gradients keep PyTorch's own choice."""
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if (input.device.type == "cpu" and input.dtype == torch.float32 and weight.dtype == torch.float32
+                and self.padding_mode == "zeros" and _ONEDNN_CPU and (weight.shape[-1] > 1 or weight.shape[-2] > 1)
+                and not (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad))):
+            return torch.mkldnn_convolution(input.contiguous(), weight, bias, self.padding, self.stride,
+                                            self.dilation, self.groups)
+        return super()._conv_forward(input, weight, bias)
+
+
+_ONEDNN_CPU = torch.backends.mkldnn.is_available()
+
+
 class StreamingVAE:
     """Wan VAE with deterministic normalized encode and per-session streaming decode."""
 
@@ -180,6 +202,8 @@ class StreamingVAE:
         for module in vae.modules():
             if type(module) is WanRMS_norm:
                 module.__class__ = _RMSNormBySumOfSquares  # same parameters and state-dict keys, faster on CPU
+            elif type(module) is WanCausalConv3d:
+                module.__class__ = _CausalConv3dOneDNN  # likewise
         cfg = vae.config
         self._patch = int(cfg.patch_size) if cfg.patch_size else 1
         self._temporal_stride = 2 ** sum(bool(t) for t in cfg.temperal_downsample)

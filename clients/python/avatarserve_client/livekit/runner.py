@@ -24,6 +24,7 @@ from typing import Any, Literal
 from livekit import rtc
 from livekit.agents.voice.avatar import AudioReceiver, AudioSegmentEnd
 
+from .._streaming import wait_done
 from .generator import AvatarServeVideoGenerator, MediaInfo, PlaybackFinished
 
 logger = logging.getLogger("avatarserve_client.livekit")
@@ -49,11 +50,15 @@ class AvatarServeRunner(rtc.EventEmitter[Literal["media"]]):
         audio_recv: where the agent's audio comes from (``DataStreamAudioReceiver``, ``QueueAudioOutput``).
         video_gen: the AvatarServe session (not started yet: ``start()`` starts it).
         queue_size_ms: buffering of the AudioSource and of the synchronizer's video queue (AvatarRunner's 100 ms).
+        drain_timeout: at ``aclose()``, how long the media of the ended stream may take to finish before it is cut.
     """
 
     def __init__(self, room: rtc.Room | None, *, audio_recv: AudioReceiver, video_gen: AvatarServeVideoGenerator,
-                 queue_size_ms: int = 100) -> None:
+                 queue_size_ms: int = 100, drain_timeout: float = 10.0) -> None:
         super().__init__()
+        if drain_timeout <= 0:
+            raise ValueError(f"drain_timeout must be > 0, got {drain_timeout!r}")
+        self._drain_timeout = drain_timeout
         self._room = room
         self._recv = audio_recv
         self._gen = video_gen
@@ -174,12 +179,10 @@ class AvatarServeRunner(rtc.EventEmitter[Literal["media"]]):
             self._read_task.cancel()
             await asyncio.gather(self._read_task, return_exceptions=True)
         await self._gen.aclose()  # ends the stream: the forward task finishes (reporting what was cut)
-        if self._forward_task is not None and not self._forward_task.done():
-            try:
-                await asyncio.wait_for(asyncio.shield(self._forward_task), timeout=10)
-            except Exception:  # closing: a failed or slow stream is cancelled
-                self._forward_task.cancel()
-                await asyncio.gather(self._forward_task, return_exceptions=True)
+        if self._forward_task is not None:
+            if not await wait_done(self._forward_task, self._drain_timeout):
+                self._forward_task.cancel()  # closing: a slow stream is cut
+            await asyncio.gather(self._forward_task, return_exceptions=True)  # a failed one was reported by its task
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._recv.aclose()

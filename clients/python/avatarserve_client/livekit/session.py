@@ -23,7 +23,7 @@ from livekit.agents import get_job_context
 from livekit.agents.voice.avatar import AvatarSession as BaseAvatarSession
 from livekit.agents.voice.avatar import DataStreamAudioOutput
 
-from .._streaming import load_image_bytes
+from .._streaming import load_image_bytes, wait_done
 from .generator import SAMPLE_RATE
 from .worker import DEFAULT_IDENTITY, TOKEN_ENV, WorkerOptions, run_worker, worker_token
 
@@ -46,15 +46,20 @@ class AvatarSession(BaseAvatarSession):
             process's event loop).
         clear_buffer_timeout: passed to ``DataStreamAudioOutput``; None (LiveKit's own avatar sessions use it) waits
             for the worker's ``lk.playback_finished`` after an interruption instead of guessing.
+        worker_stop_timeout: at ``aclose()``, how long the worker process may take to exit after SIGTERM before it
+            is killed.
     """
 
     def __init__(self, *, server: str, image: Any, prompt: str = "", application: str | None = "avatarserve",
                  seed: int | None = None, session_options: dict[str, Any] | None = None,
                  avatar_identity: str = DEFAULT_IDENTITY, avatar_name: str | None = None,
-                 launch: Literal["process", "task"] = "process", clear_buffer_timeout: float | None = None) -> None:
+                 launch: Literal["process", "task"] = "process", clear_buffer_timeout: float | None = None, worker_stop_timeout: float = 15.0) -> None:
         super().__init__()
         if launch not in ("process", "task"):
             raise ValueError(f"launch must be 'process' or 'task', got {launch!r}")
+        if worker_stop_timeout <= 0:
+            raise ValueError(f"worker_stop_timeout must be > 0, got {worker_stop_timeout!r}")
+        self._worker_stop_timeout = worker_stop_timeout
         self._server = server
         self._image = load_image_bytes(image)
         self._prompt = prompt
@@ -132,9 +137,7 @@ class AvatarSession(BaseAvatarSession):
         if self._proc is not None:
             if self._proc.returncode is None:
                 self._proc.terminate()
-                try:
-                    await asyncio.wait_for(self._proc.wait(), timeout=15)
-                except asyncio.TimeoutError:
+                if not await wait_done(self._proc.wait(), self._worker_stop_timeout):
                     self._proc.kill()
                     await self._proc.wait()
             self._proc = None
