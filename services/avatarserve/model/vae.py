@@ -175,9 +175,10 @@ class _CausalConv3dOneDNN(WanCausalConv3d):
     PyTorch picks its kernel with a heuristic written for 4-D inputs: a 5-D input of batch 1 with a 3x3 spatial kernel
     whose N*C*T*H is at most 20480 goes to the reference `slow_conv3d`. That is every conv of a one-session decode of
     the toy VAE (e.g. [1, 16, 6, 66, 66]), which ran 5-6x slower there than on oneDNN (21.8 vs 3.6 ms, one thread,
-    measured here) and made one session's decode cost more than four sessions' batched ones (406 vs 697 ms). oneDNN is
-    the kernel PyTorch already uses for batches, so results differ from the reference kernel's by float round-off.
-    Other devices, dtypes and anything that needs gradients keep PyTorch's own choice."""
+    measured here): one block took 344 ms to decode, three batched 561 ms. oneDNN is the kernel PyTorch already uses
+    for batches, so results differ from the reference kernel's by float round-off. 1x1 spatial kernels keep PyTorch's
+    choice (forced onto oneDNN they made a batch of four slower on one thread), as do other devices, dtypes and
+    anything that needs gradients."""
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         if (input.device.type == "cpu" and input.dtype == torch.float32 and weight.dtype == torch.float32

@@ -53,7 +53,8 @@ class AvatarSession(BaseAvatarSession):
     def __init__(self, *, server: str, image: Any, prompt: str = "", application: str | None = "avatarserve",
                  seed: int | None = None, session_options: dict[str, Any] | None = None,
                  avatar_identity: str = DEFAULT_IDENTITY, avatar_name: str | None = None,
-                 launch: Literal["process", "task"] = "process", clear_buffer_timeout: float | None = None, worker_stop_timeout: float = 15.0) -> None:
+                 launch: Literal["process", "task"] = "process", clear_buffer_timeout: float | None = None,
+                 worker_stop_timeout: float = 15.0) -> None:
         super().__init__()
         if launch not in ("process", "task"):
             raise ValueError(f"launch must be 'process' or 'task', got {launch!r}")
