@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import threading
@@ -38,9 +37,9 @@ TARGET_REFUSAL_P99_MS = 100.0
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from avatarserve.serve.ops.launcher import free_port  # outside the ports Ray and the kernel hand out themselves
+
+    return free_port()
 
 
 def _pct(xs: List[float], q: float) -> Optional[float]:

@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -41,9 +40,9 @@ LATENT_SHAPE = (16, 3, 48, 88)
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from avatarserve.serve.ops.launcher import free_port  # outside the ports Ray and the kernel hand out themselves
+
+    return free_port()
 
 
 class RedisProcess:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -37,9 +36,10 @@ SERVE_GRPC_SERVICER_FUNCTIONS: list[str] = [
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """The launcher's choice: outside the ports Ray and the kernel hand out by themselves."""
+    from avatarserve.serve.ops.launcher import free_port as launcher_free_port
+
+    return launcher_free_port()
 
 
 # ------------------------------------------------------------------------------------ redis

@@ -16,7 +16,6 @@ import json
 import math
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -47,9 +46,9 @@ METRICS_ARRIVAL_S = 60.0  # how long the Grafana test waits for the last series 
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from avatarserve.serve.ops.launcher import free_port  # outside the ports Ray and the kernel hand out themselves
+
+    return free_port()
 
 
 def _tone(seconds: float, hz: float = 220.0) -> np.ndarray:

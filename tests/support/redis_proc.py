@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -16,9 +15,9 @@ START_S = 20.0  # redis-server must accept connections (its data set loaded) wit
 
 
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from avatarserve.serve.ops.launcher import free_port  # outside the ports Ray and the kernel hand out themselves
+
+    return free_port()
 
 
 class OwnRedis:

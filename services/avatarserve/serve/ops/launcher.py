@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -51,10 +52,42 @@ class LauncherError(RuntimeError):
     """The local cluster could not be started or stopped."""
 
 
+# Ports the launcher picks for its servers lie outside the ranges other processes get ports from without asking: the
+# kernel's ephemeral range (every bind to port 0, which Ray's own servers do while the cluster starts) and Ray's
+# worker ports. A port from the ephemeral range was once taken by a Ray process between this check and Serve's
+# proxy binding it ("Address already in use": the proxy never started).
+_RAY_WORKER_PORTS = range(10002, 20000)  # Ray's default min_worker_port..max_worker_port
+_LINUX_EPHEMERAL_DEFAULT = range(32768, 61000)
+_handed_out: set = set()  # ports this process already chose: two servers never get the same one
+_port_rng = random.SystemRandom()  # not the global generator: a test seeding that must not make processes agree
+
+
+def _ephemeral_ports() -> range:
+    try:
+        lo, hi = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return range(lo, hi + 1)
+    except (OSError, ValueError):
+        return _LINUX_EPHEMERAL_DEFAULT
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, chosen where neither the kernel nor Ray hands out ports by themselves (between
+    Ray's worker ports and the ephemeral range, randomly); the kernel's choice where that gap is too small."""
+    ephemeral = _ephemeral_ports()
+    gap = [p for p in range(_RAY_WORKER_PORTS.stop, ephemeral.start) if p not in _handed_out]
+    for port in _port_rng.sample(gap, min(len(gap), 200)):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
     with socket.socket() as s:
         s.bind((host, 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    _handed_out.add(port)
+    return port
 
 
 def load_config(path: Optional[str | os.PathLike] = None) -> Dict[str, Any]:
