@@ -38,3 +38,13 @@ def test_without_a_gap_the_kernel_chooses(monkeypatch) -> None:
     port = free_port()
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+
+
+def test_a_port_taken_on_the_wildcard_address_is_skipped(monkeypatch) -> None:
+    """Serve's proxy binds 0.0.0.0 / [::]: a port something holds there is not free, though 127.0.0.1 alone would
+    bind on some systems."""
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        taken = busy.getsockname()[1]
+        busy.listen()
+        assert not launcher._bindable("127.0.0.1", taken)

@@ -25,6 +25,7 @@ RAY_AUTH_MODE=disabled deliberately for it (documented in the README); a multi-n
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -70,19 +71,31 @@ def _ephemeral_ports() -> range:
         return _LINUX_EPHEMERAL_DEFAULT
 
 
+def _bindable(host: str, port: int) -> bool:
+    """Can `port` be bound on `host` and on the wildcard addresses? (Serve's gRPC proxy binds [::] and 0.0.0.0.)"""
+    addresses = [(socket.AF_INET, host), (socket.AF_INET, "0.0.0.0")]
+    if socket.has_ipv6:
+        addresses.append((socket.AF_INET6, "::"))
+    for family, address in addresses:
+        try:
+            with socket.socket(family) as s:
+                s.bind((address, port))
+        except OSError as exc:
+            if family == socket.AF_INET6 and exc.errno == errno.EADDRNOTAVAIL:
+                continue  # no IPv6 on this machine
+            return False
+    return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on now, chosen where neither the kernel nor Ray hands out ports by themselves (between
     Ray's worker ports and the ephemeral range, randomly); the kernel's choice where that gap is too small."""
     ephemeral = _ephemeral_ports()
     gap = [p for p in range(_RAY_WORKER_PORTS.stop, ephemeral.start) if p not in _handed_out]
     for port in _port_rng.sample(gap, min(len(gap), 200)):
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
+        if _bindable(host, port):
+            _handed_out.add(port)
+            return port
     with socket.socket() as s:
         s.bind((host, 0))
         port = s.getsockname()[1]
