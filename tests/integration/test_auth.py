@@ -88,6 +88,9 @@ def auth_app(serve_instance, redis_server):
            "registry_namespace": NS, "model": {"config": "tiny", "seed": 0, "stream_overrides": {"num_steps": 1}},
            "auth": {"mode": "required", "usage_flush_s": 0.5}, "retry_after_ms": 1234,
            "ops": {"sample_interval_s": 1.0},
+           # Slots by count: the quota tests hold two sessions at once, which a busy machine's measured capacity
+           # may not admit (a refusal by capacity is not what they test).
+           "scheduling": {"admit_by": "configured"}, "capacity": {"audio": 8, "denoise": 8, "vae": 8},
            "timeouts": {"session_drain_s": 30}}
     serve.run(build_app(cfg), name=AUTH_APP, route_prefix=f"/{AUTH_APP}", blocking=False)
     wait_running([AUTH_APP], redis_server.url, NS)
