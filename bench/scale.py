@@ -32,14 +32,10 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from avatarserve.serve.ops.launcher import free_port
+
 APP = "avatarscale-bench"
 TARGET_REFUSAL_P99_MS = 100.0
-
-
-def _free_port() -> int:
-    from avatarserve.serve.ops.launcher import free_port  # outside the ports Ray and the kernel hand out themselves
-
-    return free_port()
 
 
 def _pct(xs: List[float], q: float) -> Optional[float]:
@@ -85,14 +81,14 @@ def private_cluster(num_cpus: int, namespace: str) -> Iterator[Tuple[str, str]]:
     from avatarserve.serve.ray_compat import start_serve
 
     work = Path(tempfile.mkdtemp(prefix="avatarserve-bench-"))
-    rport = _free_port()
+    rport = free_port()
     redis_pid = start_redis(rport, work)
     try:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                  object_store_memory=150 * 1024 * 1024, namespace=namespace)
         try:
-            gport = _free_port()
-            start_serve(grpc_options=grpc_options(gport), http_options={"host": "127.0.0.1", "port": _free_port()})
+            gport = free_port()
+            start_serve(grpc_options=grpc_options(gport), http_options={"host": "127.0.0.1", "port": free_port()})
             yield f"redis://127.0.0.1:{rport}/0", f"127.0.0.1:{gport}"
         finally:
             try:

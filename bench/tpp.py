@@ -36,13 +36,9 @@ from typing import Any, Optional
 
 import numpy as np
 
+from avatarserve.serve.ops.launcher import free_port
+
 LATENT_SHAPE = (16, 3, 48, 88)
-
-
-def _free_port() -> int:
-    from avatarserve.serve.ops.launcher import free_port  # outside the ports Ray and the kernel hand out themselves
-
-    return free_port()
 
 
 class RedisProcess:
@@ -52,7 +48,7 @@ class RedisProcess:
         binary = shutil.which("redis-server")
         if binary is None:
             raise SystemExit("bench/tpp.py: redis-server not found on PATH")
-        self.port = _free_port()
+        self.port = free_port()
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--loglevel", "warning"],
             stdout=subprocess.DEVNULL,

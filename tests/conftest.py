@@ -26,6 +26,7 @@ import pytest
 from avatarserve.serve.dataplane.stage_host import StageHost, StageHostConfig
 from tests.support.synthetic import SinkRole, SyntheticStage
 from avatarserve.serve.dataplane.transport import TransportOptions
+from avatarserve.serve.ops.launcher import free_port  # re-exported: the tests' ports come from the launcher's choice
 
 # Servicer adders for the Serve gRPC proxy (module:function strings). One Serve instance per test session
 # serves the public API, so it is registered from the start (gRPC options cannot change while Serve runs).
@@ -33,13 +34,6 @@ SERVE_GRPC_SERVICER_FUNCTIONS: list[str] = [
     "avatarserve.serve.api.grpc_service.add_AvatarServiceServicer_to_server",  # tolerant parsing (INVALID_ARGUMENT)
     "avatarserve.serve.api.grpc_service.add_HealthServicer_to_server",
 ]
-
-
-def free_port() -> int:
-    """The launcher's choice: outside the ports Ray and the kernel hand out by themselves."""
-    from avatarserve.serve.ops.launcher import free_port as launcher_free_port
-
-    return launcher_free_port()
 
 
 # ------------------------------------------------------------------------------------ redis

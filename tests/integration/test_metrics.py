@@ -32,6 +32,8 @@ from avatarserve_client.v1 import avatar_service_pb2 as pb
 from avatarserve_client.v1 import avatar_service_pb2_grpc as pbg
 from avatarserve_client import AvatarClient, CapacityExhausted, EventKind, VideoBlock, chunk_pcm
 
+from avatarserve.serve.ops.launcher import free_port
+
 from .conftest import png
 
 pytestmark = pytest.mark.integration
@@ -43,12 +45,6 @@ ARTIFACTS = ROOT / "artifacts"
 ONLY = f'application="{APP}"'
 RATE_WINDOW = "2m"  # substituted for Grafana's $__rate_interval: the whole traffic fits in it
 METRICS_ARRIVAL_S = 60.0  # how long the Grafana test waits for the last series (well inside RATE_WINDOW)
-
-
-def _free_port() -> int:
-    from avatarserve.serve.ops.launcher import free_port  # outside the ports Ray and the kernel hand out themselves
-
-    return free_port()
 
 
 def _tone(seconds: float, hz: float = 220.0) -> np.ndarray:
@@ -91,7 +87,7 @@ def prometheus(ray_cluster, tmp_path_factory):
     job = cfg["scrape_configs"][0]
     job["static_configs"] = [{"targets": [f"127.0.0.1:{ray_cluster.metrics_export_port}"]}]
     (work / "prometheus.yml").write_text(yaml.safe_dump(cfg))
-    port = _free_port()
+    port = free_port()
     log = open(work / "prometheus.log", "wb")
     proc = subprocess.Popen([binary, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
                              f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"],

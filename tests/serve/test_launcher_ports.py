@@ -34,8 +34,10 @@ def test_a_port_in_use_is_skipped(monkeypatch) -> None:
 
 
 def test_without_a_gap_the_kernel_chooses(monkeypatch) -> None:
+    ephemeral = launcher._ephemeral_ports()
     monkeypatch.setattr(launcher, "_ephemeral_ports", lambda: range(15000, 61000))  # starts inside Ray's worker ports
     port = free_port()
+    assert port in ephemeral  # the kernel's choice
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
 

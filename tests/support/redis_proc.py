@@ -11,13 +11,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from avatarserve.serve.ops.launcher import free_port
+
 START_S = 20.0  # redis-server must accept connections (its data set loaded) within this after it is started
-
-
-def _free_port() -> int:
-    from avatarserve.serve.ops.launcher import free_port  # outside the ports Ray and the kernel hand out themselves
-
-    return free_port()
 
 
 class OwnRedis:
@@ -56,7 +52,7 @@ class OwnRedis:
             self.dir = self._new_dir()
         for _attempt in range(3):
             if not self.port:
-                self.port = _free_port()
+                self.port = free_port()
             args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
                     "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
                     "--daemonize", "no", "--loglevel", "warning"]

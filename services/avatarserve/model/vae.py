@@ -169,6 +169,9 @@ class _RMSNormBySumOfSquares(WanRMS_norm):
         return (y / norm).to(x.dtype) * self.scale * self.gamma + self.bias
 
 
+_ONEDNN_CPU = torch.backends.mkldnn.is_available()
+
+
 class _CausalConv3dOneDNN(WanCausalConv3d):
     """diffusers' `WanCausalConv3d` whose convolution always takes oneDNN (mkldnn) on CPU for float32.
 
@@ -187,9 +190,6 @@ class _CausalConv3dOneDNN(WanCausalConv3d):
             return torch.mkldnn_convolution(input.contiguous(), weight, bias, self.padding, self.stride,
                                             self.dilation, self.groups)
         return super()._conv_forward(input, weight, bias)
-
-
-_ONEDNN_CPU = torch.backends.mkldnn.is_available()
 
 
 class StreamingVAE:

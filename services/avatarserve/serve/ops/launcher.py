@@ -90,10 +90,10 @@ def _bindable(host: str, port: int) -> bool:
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on now, chosen where neither the kernel nor Ray hands out ports by themselves (between
     Ray's worker ports and the ephemeral range, randomly); the kernel's choice where that gap is too small."""
-    ephemeral = _ephemeral_ports()
-    gap = [p for p in range(_RAY_WORKER_PORTS.stop, ephemeral.start) if p not in _handed_out]
-    for port in _port_rng.sample(gap, min(len(gap), 200)):
-        if _bindable(host, port):
+    gap = range(_RAY_WORKER_PORTS.stop, _ephemeral_ports().start)
+    for _ in range(200 if gap else 0):
+        port = _port_rng.choice(gap)
+        if port not in _handed_out and _bindable(host, port):
             _handed_out.add(port)
             return port
     with socket.socket() as s:
