@@ -293,6 +293,55 @@ def test_realtime_capacity_from_measured_cost(max_batch, expected):
         sched.close()
 
 
+@pytest.mark.parametrize("max_batch, costs, expected", [
+    (4, {}, 4),  # nothing measured: batches as large as allowed
+    (4, {4: 0.22}, 4),  # no single block measured yet
+    (4, {1: 0.10, 4: 0.22}, 4),  # per block: 0.10, 0.07, 0.06, 0.055 (2 and 3 interpolated)
+    (4, {1: 0.10, 4: 0.60}, 1),  # a batch costs more per block than single blocks (the toy VAE decoder on CPU)
+    (2, {1: 0.10, 2: 0.196}, 1),  # 2% cheaper per block: less than MIN_BATCH_GAIN, not worth a batch's delay
+    (4, {1: 0.10, 2: 0.18, 4: 0.36}, 2),  # 4 costs what two batches of 2 cost
+    (1, {1: 0.10}, 1),
+])
+def test_batch_limit_is_the_size_with_the_lowest_measured_cost_per_block(max_batch, costs, expected):
+    sched = _scheduler(_Recorder(), max_batch=max_batch)
+    try:
+        for n, seconds in costs.items():
+            sched.costs.record(n, seconds)
+        assert sched.batch_limit() == expected
+        assert sched.snapshot()["batch_limit"] == expected
+    finally:
+        sched.close()
+
+
+def test_where_batching_does_not_pay_blocks_run_alone_without_waiting_and_the_batch_is_measured_again_now_and_then():
+    rec = _Recorder()
+    # only a submit would end a wait for a returning session: a wait here would hold the test for WAIT_S
+    sched = _scheduler(rec, max_batch=2, clock=lambda: 0.0, batch_linger_s=WAIT_S, reprobe_every=3)
+    try:
+        # costs far above anything a stall could add to the measured microsecond calls below
+        sched.costs.record(1, 10.0)
+        sched.costs.record(2, 30.0)  # 15 s per block in a pair
+        assert sched.batch_limit() == 1
+        for k in range(3):
+            _run_together(sched, ("a", f"a{k}", 2.0 * k + 1), ("b", f"b{k}", 2.0 * k + 2))
+        # pairs 0 and 1: one block per call; by pair 2, three calls ran since the last batch of 2 was measured
+        assert rec.batches == [["a0"], ["b0"], ["a1"], ["b1"], ["a2", "b2"]]
+        assert sched.lingers == 0
+        assert sched.costs.records_since(2) == 0 and sched.costs.snapshot()[2]["count"] == 2
+    finally:
+        sched.close()
+
+
+def test_realtime_capacity_counts_single_blocks_where_batching_does_not_pay():
+    sched = _scheduler(_Recorder(), max_batch=2, utilization=1.0)
+    try:
+        sched.costs.record(1, 0.10)
+        sched.costs.record(2, 0.30)
+        assert sched.realtime_capacity() == 4  # 4 x 0.10 <= 0.48 (in pairs: 0.30 + 0.10 -> 3)
+    finally:
+        sched.close()
+
+
 def test_sessions_by_memory_counts_what_free_memory_takes_after_the_activations():
     gb = 1 << 30
     # 40 GB free, 2 sessions held, 12.5 GB per session, 4 GB kept for a forward's activations: 2 more fit

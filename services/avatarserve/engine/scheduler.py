@@ -18,11 +18,18 @@ A stage replica runs its model on one compute thread. `StageScheduler` owns that
   blocks with two sessions behind real time). So while fewer than `max_batch` heads are ready, the thread waits up to
   `batch_linger_s` for the returning sessions; one that comes back is batched, one that has nothing queued costs
   the others at most that wait. Never with `max_batch` 1.
+- **Batches only as large as pays**: `batch_limit()` is the batch size that serves the most blocks per second by
+  the measured costs, up to `max_batch`; a larger batch counts only where it costs at least `MIN_BATCH_GAIN` less per
+  block than the best smaller one (a batch delays its first block by the others' compute). Where batching gains
+  nothing the thread runs blocks one at a time and never lingers: on the toy VAE decoder on CPU a batch of three
+  cost more than three single blocks (470 vs 3 x 141 ms), and three batched sessions fell further behind real time
+  than unbatched ones. A size the stage stopped using runs again once every `reprobe_every` batches, so its cost
+  follows the machine.
 - **Calls** (`call(fn, ...)`: session creation, sink prefill, close) run on the same thread before any block, so
   model state is only ever touched from that thread.
 - **Cost**: the time of every batch is recorded per batch size (`StepCosts`); `realtime_capacity()` is how many
-  sessions this stage can serve in real time from those measurements (a forward of n sessions must fit in one
-  block's duration, with `utilization` headroom).
+  sessions this stage can serve in real time from those measurements (in calls of `batch_limit()` blocks, each
+  block period's calls must fit in one block's duration, with `utilization` headroom).
 - **Deadlines**: each finished block's slack (deadline minus finish time) and every miss are counted, and reported
   to `on_batch` for metrics.
 
@@ -44,6 +51,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 __all__ = ["BatchReport", "SchedulerClosed", "StageScheduler", "StepCosts", "sessions_by_memory"]
 
 MAX_CAPACITY = 4096  # the most sessions realtime_capacity reports (a stage whose calls cost next to nothing)
+MIN_BATCH_GAIN = 0.05  # a larger batch must cost this much less per block than the best smaller one to be used
 
 
 def sessions_by_memory(*, free_bytes: int, live_sessions: int, session_bytes: int, activation_bytes: int = 0) -> int:
@@ -81,6 +89,8 @@ class StepCosts:
         self.alpha = alpha
         self._s: Dict[int, float] = {}
         self._n: Dict[int, int] = {}
+        self._records = 0
+        self._last: Dict[int, int] = {}  # batch size -> self._records at its latest record
         self._lock = threading.Lock()
 
     def record(self, batch: int, seconds: float) -> None:
@@ -90,6 +100,19 @@ class StepCosts:
             old = self._s.get(batch)
             self._s[batch] = seconds if old is None else old + self.alpha * (seconds - old)
             self._n[batch] = self._n.get(batch, 0) + 1
+            self._records += 1
+            self._last[batch] = self._records
+
+    def measured(self) -> List[int]:
+        """Batch sizes measured at least once."""
+        with self._lock:
+            return sorted(self._s)
+
+    def records_since(self, batch: int) -> Optional[int]:
+        """Records (of any size) after the latest of `batch`; None if `batch` was never measured."""
+        with self._lock:
+            last = self._last.get(batch)
+            return None if last is None else self._records - last
 
     def seconds(self, batch: int) -> Optional[float]:
         """Estimated seconds of a batch of `batch` blocks: measured, else interpolated / extrapolated linearly
@@ -146,9 +169,12 @@ class StageScheduler:
     def __init__(self, batch_fn: Callable[[List[Any]], Sequence[Any]], *, max_batch: int = 1,
                  block_seconds: float, utilization: float = 0.9, name: str = "stage",
                  on_batch: Optional[Callable[[BatchReport], None]] = None,
-                 clock: Callable[[], float] = time.time, batch_linger_s: float = 0.0) -> None:
+                 clock: Callable[[], float] = time.time, batch_linger_s: float = 0.0,
+                 reprobe_every: int = 64) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if reprobe_every < 1:
+            raise ValueError("reprobe_every must be >= 1")
         if not batch_linger_s >= 0:
             raise ValueError("batch_linger_s must be >= 0")
         if block_seconds <= 0 or not 0 < utilization <= 1:
@@ -164,6 +190,7 @@ class StageScheduler:
         self.deadline_misses = 0
         self.blocks_done = 0
         self.batch_linger_s = float(batch_linger_s)
+        self.reprobe_every = reprobe_every
         self.lingers = 0  # times the thread waited for returning sessions
         self._queues: Dict[str, _SessionQueue] = {}  # sessions with queued blocks
         # Sessions whose block just finished and which have not submitted their next one: monotonic finish time.
@@ -215,25 +242,40 @@ class StageScheduler:
                       for sid, q in self._queues.items()}
             calls = len(self._calls)
         return {"queued": queued, "calls_queued": calls, "blocks_done": self.blocks_done,
-                "deadline_misses": self.deadline_misses, "lingers": self.lingers, "step_costs": self.costs.snapshot()}
+                "deadline_misses": self.deadline_misses, "lingers": self.lingers, "batch_limit": self.batch_limit(),
+                "step_costs": self.costs.snapshot()}
 
-    # ----- capacity ---------------------------------------------------------------------------------------------
+    # ----- batch size and capacity --------------------------------------------------------------------------------
+    def batch_limit(self) -> int:
+        """The most blocks one call takes now: the size (up to `max_batch`) with the lowest measured cost per block,
+        a larger one only where it costs at least `MIN_BATCH_GAIN` less per block than the best smaller one (sizes
+        between measured ones are interpolated). `max_batch` until a batch of one was measured."""
+        if self.max_batch == 1 or 1 not in self.costs.measured():
+            return self.max_batch
+        best, best_per_block = 1, self.costs.seconds(1)
+        for n in range(2, self.max_batch + 1):
+            per_block = self.costs.seconds(n) / n
+            if per_block <= (1.0 - MIN_BATCH_GAIN) * best_per_block:
+                best, best_per_block = n, per_block
+        return best
+
     def realtime_capacity(self, cap: Optional[int] = None) -> Optional[int]:
         """Sessions this stage can serve in real time: the largest n (at most `cap`, else `MAX_CAPACITY`) whose
         measured cost per block period fits `utilization` x block_seconds. A session gets one block per block
-        period; n sessions take n // max_batch full calls plus one of n % max_batch. None before anything was
-        measured. Cheap (no loop over n): the replica's metrics task calls it on its event loop."""
+        period; with calls of b = `batch_limit()` blocks, n sessions take n // b full calls plus one of n % b. None
+        before anything was measured. Cheap (no loop over n): the replica's metrics task calls it on its event loop."""
         if self.costs.seconds(1) is None:
             return None
         budget = self.utilization * self.block_seconds
         limit = cap if cap is not None else MAX_CAPACITY
-        full_cost = self.costs.seconds(self.max_batch)
+        size = self.batch_limit()
+        full_cost = self.costs.seconds(size)
         full = int(budget // full_cost) if full_cost > 0 else limit
-        if full * self.max_batch >= limit:
+        if full * size >= limit:
             return limit
         left = budget - full * full_cost
-        rest = max((r for r in range(self.max_batch) if r == 0 or self.costs.seconds(r) <= left), default=0)
-        return min(limit, full * self.max_batch + rest)
+        rest = max((r for r in range(size) if r == 0 or self.costs.seconds(r) <= left), default=0)
+        return min(limit, full * size + rest)
 
     # ----- lifecycle --------------------------------------------------------------------------------------------
     def close(self, timeout_s: Optional[float] = None) -> None:
@@ -267,8 +309,10 @@ class StageScheduler:
                 now = self.clock()
                 # One head per session: a session never has two blocks in one batch. Few sessions wait at a stage,
                 # so sorting their heads on every take costs nothing next to a forward.
-                order = sorted(self._queues.items(), key=lambda kv: kv[1].key(now))[: self.max_batch]
-                linger = self._linger_left() if len(order) < self.max_batch else 0.0
+                heads = sorted(self._queues.items(), key=lambda kv: kv[1].key(now))
+                size = self.batch_limit()
+                order = heads[: self._reprobe_size(min(len(heads), self.max_batch), size)]
+                linger = self._linger_left() if len(order) < size else 0.0
                 if linger > 0:
                     self.lingers += 1
                     self._cv.wait(linger)  # a returning session's submit (or a call, or close) wakes it
@@ -306,6 +350,15 @@ class StageScheduler:
                     elif self.batch_linger_s > 0 and self.max_batch > 1:
                         self._returning[w.session_id] = finished
                 self._linger_left()  # drops the sessions that did not return in time (full batches never ask)
+
+    def _reprobe_size(self, ready: int, size: int) -> int:
+        """`size`, or a larger batch of the `ready` heads whose cost was last measured `reprobe_every` or more
+        batches ago (or never)."""
+        for n in range(ready, size, -1):
+            since = self.costs.records_since(n)
+            if since is None or since >= self.reprobe_every:
+                return n
+        return size
 
     def _linger_left(self) -> float:
         """Seconds to wait for returning sessions (0: take the batch now). Drops those whose wait is over. Holds the

@@ -400,13 +400,14 @@ class SchedulingSection(_Strict):
     max_batch: int = Field(4, ge=1, description="Most blocks of different sessions a denoise stage runs in one "
                                                 "forward, and the VAE decoder decodes as one batch (1: one block at "
                                                 "a time). Batched blocks equal blocks run one by one up to float "
-                                                "round-off (not bit for bit).")
+                                                "round-off (not bit for bit). An upper bound: each stage batches only "
+                                                "as far as its measured cost per block falls (by 5% or more).")
     utilization: float = Field(0.9, gt=0, le=1, description="Share of a block's duration a stage may spend "
                                                             "computing when it estimates the real-time sessions it "
                                                             "can take (metric avatarserve_replica_realtime_capacity).")
     batch_linger_s: float = Field(
-        0.02, ge=0, le=1, description="How long a stage's compute thread waits, with fewer than max_batch blocks "
-                                      "ready, for the sessions of the batch it just finished to submit their next "
+        0.02, ge=0, le=1, description="How long a stage's compute thread waits, with fewer blocks ready than the "
+                                      "batch size it uses, for the sessions of the batch it just finished to submit their next "
                                       "block (they arrive a moment after their result), so that sessions behind "
                                       "real time are batched instead of alternating single blocks. A session with "
                                       "nothing queued costs the others at most this. 0: never wait.")
