@@ -5,8 +5,8 @@ run, before (one block per forward) and after (cross-session batching) in the sa
    in lockstep, each denoising step one forward for all of them (`SequentialPipeline.run_blocks`), for n in
    `--batches`: frames per second at the best n, divided by 25 = real-time sessions the machine's compute allows.
 2. **The cluster**: a private local cluster (redis-server, Ray, Serve with its gRPC proxy) with the default model
-   (`toy`), one replica per stage as `deploy/local.yaml` has it, deployed once per `--max-batch` value
-   (`scheduling.max_batch`). For n = 1, 2, ... sessions streaming `--seconds` of speech paced in real time at once:
+   (`toy`), one replica per stage as `deploy/local.yaml` starts it (`--vae-replicas` for the decoder), deployed once
+   per `--max-batch` value (`scheduling.max_batch`). For n = 1, 2, ... sessions streaming `--seconds` of speech paced in real time at once:
    the sessions are *sustained* when every one has a delivered real-time factor >= `--min-rtf` (media seconds
    delivered / wall seconds from the first to the last chunk plus one block, as bench/scale.py) and a p99 delivery
    lag behind its audio <= `--max-lag-s`. The probe stops at the first n that is not sustained.
@@ -135,7 +135,7 @@ def cluster_capacity(args: argparse.Namespace) -> Dict[str, Any]:
             cfg = {"name": APP, "route_prefix": "/" + APP, "redis_url": redis_url,
                    "namespace": f"capacity{max_batch}:", "registry_namespace": f"capacity{max_batch}:",
                    "model": {"config": args.model, "seed": 0}, "torch_threads": args.torch_threads,
-                   "replicas": {"gateway": 1, "audio": 1, "denoise": 1, "vae": 1},
+                   "replicas": {"gateway": 1, "audio": 1, "denoise": 1, "vae": args.vae_replicas},
                    "capacity": dict.fromkeys(("audio", "denoise", "vae"), max(8, args.max_sessions)),
                    "resources": {r: {"num_cpus": 0.1} for r in ("gateway", "audio", "denoise", "vae")},
                    # configured: the probes go past what admission by measurement would take, to find where real
@@ -157,7 +157,7 @@ def cluster_capacity(args: argparse.Namespace) -> Dict[str, Any]:
             sustained = max((p["sessions"] for p in probes if p["sustained"]), default=0)
             after = _measured_capacities()
             out[str(max_batch)] = {
-                "sustained_sessions": sustained, "probes": probes,
+                "sustained_sessions": sustained, "probes": probes, "batch_limit_after_probes": _batch_limits(),
                 # sessions admission by measurement (scheduling.admit_by: measured) would take: the smallest stage's
                 # measured real-time capacity, as timed at start-up and after the probes' live blocks
                 "measured_admission": {"at_start": min(at_start.values(), default=None),
@@ -167,16 +167,24 @@ def cluster_capacity(args: argparse.Namespace) -> Dict[str, Any]:
     return out
 
 
-def _measured_capacities() -> Dict[str, Optional[int]]:
-    """Each stage deployment's measured real-time capacity (its one replica's status)."""
+def _stage_statuses() -> Dict[str, Dict[str, Any]]:
+    """Each stage deployment's status (its one replica's)."""
     from ray import serve
 
     names = [d for d in serve.status().applications[APP].deployments if d not in ("Gateway", "SinkFrameCache")]
-    out: Dict[str, Optional[int]] = {}
-    for name in names:
-        status = serve.get_deployment_handle(name, app_name=APP).status.remote().result(timeout_s=120)
-        out[name] = status.get("measured_capacity")
+    return {name: serve.get_deployment_handle(name, app_name=APP).status.remote().result(timeout_s=120)
+            for name in names}
+
+
+def _measured_capacities() -> Dict[str, Optional[int]]:
+    """Each stage deployment's measured real-time capacity."""
+    out = {name: status.get("measured_capacity") for name, status in _stage_statuses().items()}
     return {k: v for k, v in out.items() if v is not None}
+
+
+def _batch_limits() -> Dict[str, Optional[int]]:
+    """The batch size each stage uses by its measured costs (at most scheduling.max_batch)."""
+    return {name: (status.get("scheduler") or {}).get("batch_limit") for name, status in _stage_statuses().items()}
 
 
 def _ints(text: str) -> List[int]:
@@ -204,6 +212,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                                "needs (the default late_after_s)")
     p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs offered to Ray (as deploy/local.yaml)")
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads per stage replica (app.torch_threads)")
+    p.add_argument("--vae-replicas", type=int, default=1, help="VaeDecoder replicas (the autoscaler of "
+                                                               "deploy/local.yaml runs up to 2)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     if args.seconds <= 0 or args.max_sessions < 1 or args.torch_threads < 1:
@@ -223,7 +233,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.dup2(saved, 1)
         os.close(saved)
     result = {"bench": "capacity", "model": args.model, "cpus": os.cpu_count(), "seconds_per_probe": args.seconds,
-              "replica_torch_threads": args.torch_threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+              "replica_torch_threads": args.torch_threads, "vae_replicas": args.vae_replicas, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
               "criteria": {"min_rtf": args.min_rtf, "max_lag_p99_s": args.max_lag_s}, "limit": limit,
               "cluster": cluster,
               "serving_efficiency": {mb: round(c["sustained_sessions"] / limit["limit_sessions"], 3)
