@@ -6,8 +6,8 @@ run, before (one block per forward) and after (cross-session batching) in the sa
    `--batches`: frames per second at the best n, divided by 25 = real-time sessions the machine's compute allows.
 2. **The cluster**: a private local cluster (redis-server, Ray, Serve with its gRPC proxy) with the default model
    (`toy`), one replica per stage as `deploy/local.yaml` starts it (`--vae-replicas` for the decoder), deployed once
-   per `--max-batch` value (`scheduling.max_batch`). For n = 1, 2, ... sessions streaming `--seconds` of speech paced in real time at once:
-   the sessions are *sustained* when every one has a delivered real-time factor >= `--min-rtf` (media seconds
+   per `--max-batch` value (`scheduling.max_batch`). For n = 1, 2, ... sessions streaming `--seconds` of speech
+   paced in real time at once: the sessions are *sustained* when every one has a delivered real-time factor >= `--min-rtf` (media seconds
    delivered / wall seconds from the first to the last chunk plus one block, as bench/scale.py) and a p99 delivery
    lag behind its audio <= `--max-lag-s`. The probe stops at the first n that is not sustained.
 3. `serving_efficiency = sustained_sessions / limit_sessions`, per `--max-batch` value.
@@ -233,7 +233,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.dup2(saved, 1)
         os.close(saved)
     result = {"bench": "capacity", "model": args.model, "cpus": os.cpu_count(), "seconds_per_probe": args.seconds,
-              "replica_torch_threads": args.torch_threads, "vae_replicas": args.vae_replicas, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+              "replica_torch_threads": args.torch_threads, "vae_replicas": args.vae_replicas,
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
               "criteria": {"min_rtf": args.min_rtf, "max_lag_p99_s": args.max_lag_s}, "limit": limit,
               "cluster": cluster,
               "serving_efficiency": {mb: round(c["sustained_sessions"] / limit["limit_sessions"], 3)

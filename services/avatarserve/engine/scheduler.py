@@ -21,10 +21,9 @@ A stage replica runs its model on one compute thread. `StageScheduler` owns that
 - **Batches only as large as pays**: `batch_limit()` is the batch size that serves the most blocks per second by
   the measured costs, up to `max_batch`; a larger batch counts only where it costs at least `MIN_BATCH_GAIN` less per
   block than the best smaller one (a batch delays its first block by the others' compute). Where batching gains
-  nothing the thread runs blocks one at a time and never lingers: on the toy VAE decoder on CPU a batch of three
-  cost more than three single blocks (470 vs 3 x 141 ms), and three batched sessions fell further behind real time
-  than unbatched ones. A size the stage stopped using runs again once every `reprobe_every` batches, so its cost
-  follows the machine.
+  nothing the thread runs blocks one at a time and never lingers (on a quiet CPU the toy VAE decoder took 470 ms for
+  a batch of three, 141 ms for one block). A size the stage stopped using runs again once every `reprobe_every`
+  batches, so its cost follows the machine.
 - **Calls** (`call(fn, ...)`: session creation, sink prefill, close) run on the same thread before any block, so
   model state is only ever touched from that thread.
 - **Cost**: the time of every batch is recorded per batch size (`StepCosts`); `realtime_capacity()` is how many

@@ -407,10 +407,10 @@ class SchedulingSection(_Strict):
                                                             "can take (metric avatarserve_replica_realtime_capacity).")
     batch_linger_s: float = Field(
         0.02, ge=0, le=1, description="How long a stage's compute thread waits, with fewer blocks ready than the "
-                                      "batch size it uses, for the sessions of the batch it just finished to submit their next "
-                                      "block (they arrive a moment after their result), so that sessions behind "
-                                      "real time are batched instead of alternating single blocks. A session with "
-                                      "nothing queued costs the others at most this. 0: never wait.")
+                                      "batch size it uses, for the sessions of the batch it just finished to submit "
+                                      "their next block (they arrive a moment after their result), so that sessions "
+                                      "behind real time are batched instead of alternating single blocks. A session "
+                                      "with nothing queued costs the others at most this. 0: never wait.")
     admit_by: Literal["measured", "configured"] = Field(
         "measured", description="Sessions a stage replica takes, for admission and the autoscaling policy. "
                                 "'measured': the real-time sessions its measured step cost (timed on synthetic "
