@@ -7,9 +7,9 @@ run, before (one block per forward) and after (cross-session batching) in the sa
 2. **The cluster**: a private local cluster (redis-server, Ray, Serve with its gRPC proxy) with the default model
    (`toy`), one replica per stage as `deploy/local.yaml` starts it (`--vae-replicas` for the decoder), deployed once
    per `--max-batch` value (`scheduling.max_batch`). For n = 1, 2, ... sessions streaming `--seconds` of speech
-   paced in real time at once: the sessions are *sustained* when every one has a delivered real-time factor >= `--min-rtf` (media seconds
-   delivered / wall seconds from the first to the last chunk plus one block, as bench/scale.py) and a p99 delivery
-   lag behind its audio <= `--max-lag-s`. The probe stops at the first n that is not sustained.
+   paced in real time at once: the sessions are *sustained* when every one has a delivered real-time factor >=
+   `--min-rtf` (media seconds delivered / wall seconds from the first to the last chunk plus one block, as
+   bench/scale.py) and a p99 delivery lag behind its audio <= `--max-lag-s`. The probe stops at the first n that is not sustained.
 3. `serving_efficiency = sustained_sessions / limit_sessions`, per `--max-batch` value.
 
 Prints ONE JSON object with `--json` (a readable summary otherwise).
@@ -145,7 +145,7 @@ def cluster_capacity(args: argparse.Namespace) -> Dict[str, Any]:
                    "ops": {"enabled": False}, "auth": {"mode": "disabled"}}
             deploy(cfg)
             sc._log(f"max_batch {max_batch}: cluster up in {time.monotonic() - t0:.1f} s")
-            at_start = _measured_capacities()
+            at_start = _measured_capacities(_stage_statuses())
             probes = []
             for n in range(1, args.max_sessions + 1):
                 probe = _probe(address, n, args, sc)
@@ -155,9 +155,10 @@ def cluster_capacity(args: argparse.Namespace) -> Dict[str, Any]:
                 if not probe["sustained"]:
                     break
             sustained = max((p["sessions"] for p in probes if p["sustained"]), default=0)
-            after = _measured_capacities()
+            statuses = _stage_statuses()
+            after = _measured_capacities(statuses)
             out[str(max_batch)] = {
-                "sustained_sessions": sustained, "probes": probes, "batch_limit_after_probes": _batch_limits(),
+                "sustained_sessions": sustained, "probes": probes, "batch_limit_after_probes": _batch_limits(statuses),
                 # sessions admission by measurement (scheduling.admit_by: measured) would take: the smallest stage's
                 # measured real-time capacity, as timed at start-up and after the probes' live blocks
                 "measured_admission": {"at_start": min(at_start.values(), default=None),
@@ -176,15 +177,15 @@ def _stage_statuses() -> Dict[str, Dict[str, Any]]:
             for name in names}
 
 
-def _measured_capacities() -> Dict[str, Optional[int]]:
+def _measured_capacities(statuses: Dict[str, Dict[str, Any]]) -> Dict[str, Optional[int]]:
     """Each stage deployment's measured real-time capacity."""
-    out = {name: status.get("measured_capacity") for name, status in _stage_statuses().items()}
+    out = {name: status.get("measured_capacity") for name, status in statuses.items()}
     return {k: v for k, v in out.items() if v is not None}
 
 
-def _batch_limits() -> Dict[str, Optional[int]]:
+def _batch_limits(statuses: Dict[str, Dict[str, Any]]) -> Dict[str, Optional[int]]:
     """The batch size each stage uses by its measured costs (at most scheduling.max_batch)."""
-    return {name: (status.get("scheduler") or {}).get("batch_limit") for name, status in _stage_statuses().items()}
+    return {name: (status.get("scheduler") or {}).get("batch_limit") for name, status in statuses.items()}
 
 
 def _ints(text: str) -> List[int]:

@@ -102,11 +102,6 @@ class StepCosts:
             self._records += 1
             self._last[batch] = self._records
 
-    def measured(self) -> List[int]:
-        """Batch sizes measured at least once."""
-        with self._lock:
-            return sorted(self._s)
-
     def records_since(self, batch: int) -> Optional[int]:
         """Records (of any size) after the latest of `batch`; None if `batch` was never measured."""
         with self._lock:
@@ -249,7 +244,7 @@ class StageScheduler:
         """The most blocks one call takes now: the size (up to `max_batch`) with the lowest measured cost per block,
         a larger one only where it costs at least `MIN_BATCH_GAIN` less per block than the best smaller one (sizes
         between measured ones are interpolated). `max_batch` until a batch of one was measured."""
-        if self.max_batch == 1 or 1 not in self.costs.measured():
+        if self.max_batch == 1 or self.costs.records_since(1) is None:  # no single block measured yet
             return self.max_batch
         best, best_per_block = 1, self.costs.seconds(1)
         for n in range(2, self.max_batch + 1):
