@@ -180,7 +180,8 @@ class AsyncSession:
                                                timeout=timeout)
         # grpc.aio replaces the server's status with INTERNAL when a write is in flight as the
         # server ends the call (grpc/grpc#36066). Waiting for STARTED before sending audio keeps
-        # Hello rejections (NOT_FOUND, PERMISSION_DENIED, FAILED_PRECONDITION) intact.
+        # Hello rejections (NOT_FOUND, PERMISSION_DENIED, FAILED_PRECONDITION) intact, and leaves a
+        # gRPC retry only the Hello to replay (see client.STREAM_RETRY_POLICY).
         started = asyncio.Event()
 
         async def write() -> None:
