@@ -49,7 +49,7 @@ def resolve_credentials(credentials: grpc.ChannelCredentials | None,
 # A StreamSession that fails UNAVAILABLE before the server's first reply is retried by gRPC itself: the server touched
 # nothing of the session then (a gateway being stopped, a pipeline that could not open, a first message that never
 # reached the gateway). Both clients send only the Hello until that first reply, so a retry replays just the Hello:
-# grpcio's replay of a longer stream can drop a message (1.85.3: 17 of 200 replayed 24-message streams lost one or two,
+# grpcio's replay of a longer stream can drop a message (1.85.3: 28 of 400 replayed 24-message streams lost one or two,
 # none of 300 that sent one message before the first reply). After the first reply a stream is never retried: video was
 # delivered, and the client decides. Unary calls are not retried (CreateSession is not idempotent).
 STREAM_RETRY_POLICY = {
