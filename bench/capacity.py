@@ -9,7 +9,8 @@ run, before (one block per forward) and after (cross-session batching) in the sa
    per `--max-batch` value (`scheduling.max_batch`). For n = 1, 2, ... sessions streaming `--seconds` of speech
    paced in real time at once: the sessions are *sustained* when every one has a delivered real-time factor >=
    `--min-rtf` (media seconds delivered / wall seconds from the first to the last chunk plus one block, as
-   bench/scale.py) and a p99 delivery lag behind its audio <= `--max-lag-s`. The probe stops at the first n that is not sustained.
+   bench/scale.py) and a p99 delivery lag behind its audio <= `--max-lag-s`. The probe stops at the first n that is
+   not sustained.
 3. `serving_efficiency = sustained_sessions / limit_sessions`, per `--max-batch` value.
 
 Prints ONE JSON object with `--json` (a readable summary otherwise).

@@ -233,7 +233,8 @@ def test_a_stream_refused_before_its_first_reply_is_retried_with_what_was_sent(s
     from avatarserve_client import Unavailable
 
     audio = tone(960)  # 2 blocks
-    # Repeated: grpcio 1.85.3 replaying a stream that had sent audio lost a chunk in 28 of 400 tries.
+    # Repeated: in a stand-alone reproduction, grpcio 1.85.3 replaying a stream that had sent audio lost a chunk in
+    # 28 of 400 tries.
     for _ in range(6):
         server.reset(unavailable_streams=2)  # the first two attempts end UNAVAILABLE right after their Hello
         with client.session(png_bytes, formats="jpeg") as s:

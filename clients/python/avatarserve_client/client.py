@@ -268,12 +268,12 @@ class Session:
                                decode=decode, on_event=on_event)
         self.stats = proto.stats
         stop = threading.Event()
-        started = threading.Event()  # STARTED arrived (or the stream ended): the server's stream clock runs
-        replied = threading.Event()  # a first reply arrived (or the stream ended): gRPC will not retry the call now
+        # STARTED arrived (or the stream ended): the server's stream clock runs, and gRPC no longer retries the call
+        started = threading.Event()
 
         def requests() -> Iterator[pb.ClientMessage]:
             yield proto.hello()
-            replied.wait()  # a retry then has only the Hello to replay (see STREAM_RETRY_POLICY)
+            started.wait()  # as the asyncio client: a retry then has only the Hello to replay (STREAM_RETRY_POLICY)
             while (msg := queue.get()) is not None:
                 proto.sent(msg)
                 yield msg
@@ -311,7 +311,6 @@ class Session:
             if audio is not None:
                 feeder.start()
             for reply in call:
-                replied.set()
                 item = proto.receive(reply, time.monotonic())
                 if proto.started:
                     started.set()
@@ -325,7 +324,6 @@ class Session:
         finally:
             stop.set()
             started.set()
-            replied.set()
             queue.abort()
             if not proto.ended:
                 call.cancel()
