@@ -2,9 +2,9 @@
 
 - `redis_server` (session): a real `redis-server` on a free loopback port, no persistence.
 - `redis_namespace` (function): a unique key prefix; its keys are deleted after the test.
-- `ray_cluster` (session): one local Ray cluster per test session (auth disabled on purpose,
-  dashboard off, dynamic ports, metrics exported on `metrics_export_port` every second); shut
-  down at the end.
+- `ray_cluster` (session): one local Ray cluster per test session, its head started as
+  `avatarserve up` starts one (auth disabled on purpose, dashboard off, dynamic ports, metrics
+  exported on `metrics_export_port` every second); stopped at the end.
 - `serve_instance` (session): Ray Serve started on `ray_cluster` with one HTTP proxy on a free
   loopback port and no gRPC proxy (extend `SERVE_GRPC_SERVICER_FUNCTIONS` to get one).
 - `synthetic_chain` (function): async factory of in-process StageHosts running SyntheticStage.
@@ -16,9 +16,11 @@ import asyncio
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable, Iterator, Optional, Sequence
 
 import pytest
@@ -119,34 +121,40 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[RayCluster]:
+    """The head is started as `avatarserve up` starts it (`ray start --block` in a process session of its own, started
+    again when Ray gives up on its raylet), not by `ray.init()` inside this many-threaded pytest process; the tests
+    connect to it as a driver."""
+    from avatarserve.serve.ops.launcher import _kill_group, start_ray_head
+
     # Token auth is on by default for local clusters since Ray 2.59; tests run a private,
     # loopback-only cluster, so disable it deliberately (inherited by every Ray process).
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Replicas push their metrics to the node's agent every second (Ray's default is 10 s), so metric tests see
-    # fresh values quickly.
-    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
     import ray
 
     num_cpus = 4  # logical CPUs: replicas ask for fractions
     metrics_port = free_port()
-    ctx = ray.init(
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        object_store_memory=150 * 1024 * 1024,
-        log_to_driver=False,
-        namespace=f"avatarserve-tests-{uuid.uuid4().hex[:6]}",
-        _metrics_export_port=metrics_port,
-    )
+    # Replicas push their metrics to the node's agent every second (Ray's default is 10 s), so metric tests see
+    # fresh values quickly.
+    cluster = {"num_cpus": num_cpus, "dashboard": False, "object_store_memory": 150 * 1024 * 1024,
+               "metrics_report_interval_ms": 1000}
+    # Ray's socket paths must fit AF_UNIX's 107 bytes: a short directory of its own, not pytest's tmp_path.
+    temp_dir = Path(tempfile.mkdtemp(prefix="avs-ray-", dir="/tmp"))
+    pgid, address = start_ray_head({"cluster": cluster}, temp_dir, metrics_port)
     try:
-        yield RayCluster(address=ctx.address_info["gcs_address"], num_cpus=num_cpus, metrics_export_port=metrics_port)
-    finally:
+        ray.init(address=address, log_to_driver=False, namespace=f"avatarserve-tests-{uuid.uuid4().hex[:6]}")
         try:
-            from ray import serve
-
-            serve.shutdown()
+            yield RayCluster(address=address, num_cpus=num_cpus, metrics_export_port=metrics_port)
         finally:
-            ray.shutdown()
+            try:
+                from ray import serve
+
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+    finally:
+        _kill_group(pgid)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @dataclass(frozen=True)

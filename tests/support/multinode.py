@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional
 
-from avatarserve.serve.ops.launcher import _kill_group, _wait_port, free_port, ray_env
+from avatarserve.serve.ops.launcher import _kill_group, free_port, ray_env, start_ray_node
 
 __all__ = ["LocalRayNodes", "NodeSpec"]
 
@@ -48,7 +47,7 @@ class LocalRayNodes:
         self.nodes = nodes
         self.temp_dir = temp_dir
         self.env = {**ray_env(), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", **dict(env or {})}
-        self.start_timeout_s = start_timeout_s  # `ray start` must listen within this (a busy machine is slow)
+        self.start_timeout_s = start_timeout_s  # each `ray start` must be up within this (a busy machine is slow)
         self.port = free_port()
         self.pgids: List[int] = []
         # Ray's socket paths must fit AF_UNIX's 107 bytes: a short directory of its own, not pytest's tmp_path.
@@ -67,27 +66,11 @@ class LocalRayNodes:
                     "--temp-dir", str(self.ray_dir)]
         else:
             cmd += ["--address", self.address]
-        log = self.temp_dir / f"node-{node.ip}.log"
-        proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=self.env,
-                                start_new_session=True)
-        self.pgids.append(proc.pid)
-        if head:
-            _wait_port(node.ip, self.port, self.start_timeout_s, "the Ray head (GCS)", proc, log, "start_timeout_s")
-        else:
-            self._wait_started(proc, log)
-        return proc.pid
-
-    def _wait_started(self, proc: subprocess.Popen, log: Path) -> None:
-        """A worker node is up once `ray start` says so; it fails at once if `ray start` exits."""
-        deadline = time.monotonic() + self.start_timeout_s
-        while time.monotonic() < deadline:
-            if "Ray runtime started" in log.read_text(errors="replace"):
-                return
-            if proc.poll() is not None:
-                raise RuntimeError(f"`ray start` of a worker node exited with {proc.returncode}:\n"
-                                   f"{log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.2)
-        raise TimeoutError(f"a worker node did not start within {self.start_timeout_s:.0f} s; log: {log}")
+        pid = start_ray_node(cmd, self.temp_dir / f"node-{node.ip}.log", self.env, self.start_timeout_s,
+                             what=f"the Ray {'head' if head else 'worker node'} on {node.ip}",
+                             listen=(node.ip, self.port) if head else None)
+        self.pgids.append(pid)
+        return pid
 
     def start(self) -> "LocalRayNodes":
         self.temp_dir.mkdir(parents=True, exist_ok=True)

@@ -203,8 +203,13 @@ class TimeoutsConfig(ReplicaTimeouts):
                     "regardless. Meanwhile new sessions and streams get UNAVAILABLE.")
     redis_start_s: float = Field(60.0, gt=0, description="`avatarserve up`: redis-server must accept connections "
                                                          "within this time (it fails at once if it exits).")
-    ray_start_s: float = Field(600.0, gt=0, description="`avatarserve up`: the Ray head must listen within this time "
-                                                        "(it fails at once if `ray start` exits).")
+    ray_start_s: float = Field(600.0, gt=0, description="`avatarserve up`: the Ray head must be up (`ray start` "
+                                                        "reports the runtime started) within this time; it fails at "
+                                                        "once if `ray start` exits.")
+    ray_start_attempts: int = Field(
+        3, ge=1,
+        description="`avatarserve up`: how often the Ray head is started in all when `ray start` gives up on its "
+                    "own raylet (Ray waits a fixed 30 s for it to register and cannot be told to wait longer).")
     deploy_s: Optional[float] = Field(
         None, gt=0,
         description="`avatarserve up`: optional overall limit on deploying the application. Unset (the default): "

@@ -205,7 +205,81 @@ def ray_env() -> Dict[str, str]:
     return env
 
 
-def start_ray_head(cfg: Dict[str, Any], temp_dir: Path, metrics_port: int, timeout_s: float = 600.0) -> tuple[int, str]:
+# `ray start` waits a fixed 30 s for its raylet to register with the GCS (ray/_private/node.py; no setting changes it)
+# and then exits with this text. It happened in CI on a busy 2-core machine: that node's raylet had written no log at
+# all. Ray's own transient failure, so the node is started again (`timeouts.ray_start_attempts`).
+RAY_NODE_STARTUP_TIMED_OUT = "The current node timed out during startup"
+RAY_RUNTIME_STARTED = "Ray runtime started."  # what `ray start` prints once its node has registered
+
+
+class RayNodeStartTimedOut(LauncherError):
+    """`ray start` gave up on its raylet after Ray's fixed wait (transient: the node is started again)."""
+
+
+def start_ray_node(cmd: List[str], log: Path, env: Dict[str, str], timeout_s: float, attempts: int = 3,
+                   what: str = "the Ray head", listen: Optional[tuple[str, int]] = None) -> int:
+    """Run `ray start --block ...` (`cmd`) in its own process session and return its pid (= process group) once it
+    reports the runtime started and, for a head, `listen` (the GCS) accepts connections. Fails at once when `ray
+    start` exits, after `timeout_s` otherwise; when Ray gives up on its raylet, the group is stopped and the node
+    started again, `attempts` times in all."""
+    for attempt in range(1, attempts + 1):
+        offset = log.stat().st_size if log.exists() else 0  # the log is appended to: read this attempt's part
+        proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            _wait_ray_started(proc, log, offset, timeout_s, what, listen)
+            return proc.pid
+        except RayNodeStartTimedOut as exc:
+            _kill_group(proc.pid)
+            if attempt == attempts:
+                raise RayNodeStartTimedOut(f"{exc} ({attempts} attempts, timeouts.ray_start_attempts)") from None
+            print(f"[up] {what}: Ray gave up on its raylet after its fixed 30 s wait (attempt {attempt} of "
+                  f"{attempts}); starting it again. Log: {log}", file=sys.stderr)
+        except BaseException:
+            _kill_group(proc.pid)
+            raise
+    raise AssertionError("unreachable")
+
+
+def _wait_ray_started(proc: subprocess.Popen, log: Path, offset: int, timeout_s: float, what: str,
+                      listen: Optional[tuple[str, int]]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = _read_from(log, offset)
+        if RAY_RUNTIME_STARTED in text and (listen is None or _accepts(*listen)):
+            return
+        code = proc.poll()
+        if code is not None:
+            tail = "\n".join(text.splitlines()[-15:])
+            if RAY_NODE_STARTUP_TIMED_OUT in text:
+                raise RayNodeStartTimedOut(f"{what}: `ray start` exited with code {code}: its raylet did not "
+                                           f"register within Ray's fixed wait; log: {log}\n{tail}")
+            raise LauncherError(f"{what}: `ray start` exited with code {code}; log: {log}\n{tail}")
+        if time.monotonic() > deadline:
+            raise LauncherError(f"{what} did not start within {timeout_s:.0f} s (timeouts.ray_start_s); log: {log}")
+        time.sleep(0.2)
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def start_ray_head(cfg: Dict[str, Any], temp_dir: Path, metrics_port: int, timeout_s: float = 600.0,
+                   attempts: int = 3) -> tuple[int, str]:
+    """The local cluster's Ray head on 127.0.0.1, as the `cluster` section of the deployment config says; returns
+    the pid of its `ray start` (its process group) and the GCS address."""
     cl = cfg.get("cluster", {})
     port = int(cl.get("ray_port") or free_port())
     num_cpus = cl.get("num_cpus") or os.cpu_count() or 2
@@ -216,18 +290,15 @@ def start_ray_head(cfg: Dict[str, Any], temp_dir: Path, metrics_port: int, timeo
     resources = cl.get("resources")
     if resources:
         cmd += ["--resources", json.dumps(resources)]
+    if cl.get("object_store_memory"):  # bytes; Ray's default is 30% of the machine's memory
+        cmd += ["--object-store-memory", str(int(cl["object_store_memory"]))]
     temp_dir.mkdir(parents=True, exist_ok=True)
     env = ray_env()
     if cl.get("metrics_report_interval_ms"):  # how often replicas push metrics to the node's agent (Ray: 10 s)
         env["RAY_metrics_report_interval_ms"] = str(int(cl["metrics_report_interval_ms"]))
-    log = temp_dir / "ray-head.log"
-    proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        _wait_port("127.0.0.1", port, timeout_s, "the Ray head (GCS)", proc, log, "timeouts.ray_start_s")
-    except LauncherError:
-        _kill_group(proc.pid)
-        raise
-    return proc.pid, f"127.0.0.1:{port}"
+    pid = start_ray_node(cmd, temp_dir / "ray-head.log", env, timeout_s, attempts, "the Ray head",
+                         listen=("127.0.0.1", port))
+    return pid, f"127.0.0.1:{port}"
 
 
 def _terminate(send, timeout: float, poll_s: float, pid: int) -> None:
@@ -385,7 +456,8 @@ def up(config_path: Optional[str] = None, *, state_file: Path = STATE_FILE, quie
             redis_url = f"redis://127.0.0.1:{rport}/0"
         else:
             undrain(redis_url, app.namespace)  # a drain left behind by a stopped cluster on this Redis
-        ray_pgid, ray_address = start_ray_head(cfg, temp_dir, metrics_port, timeouts.ray_start_s)
+        ray_pgid, ray_address = start_ray_head(cfg, temp_dir, metrics_port, timeouts.ray_start_s,
+                                               timeouts.ray_start_attempts)
         state = ClusterState(config_path=cfg["_path"], grpc_address=f"127.0.0.1:{grpc_port}",
                              http_address=f"http://127.0.0.1:{http_port}", ray_address=ray_address,
                              redis_url=redis_url, redis_pid=redis_pid, ray_pgid=ray_pgid,
