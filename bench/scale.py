@@ -32,7 +32,10 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from avatarserve.serve.ops.launcher import free_port
+from avatarserve.serve.ops.launcher import free_port, ray_env
+
+# Before anything imports Ray (it reads these once): the private cluster's Ray ports stay on 127.0.0.1, auth off.
+os.environ.update({k: v for k, v in ray_env().items() if k.startswith("RAY_")})
 
 APP = "avatarscale-bench"
 TARGET_REFUSAL_P99_MS = 100.0
@@ -71,9 +74,8 @@ def _log(msg: str) -> None:
 def private_cluster(num_cpus: int, namespace: str) -> Iterator[Tuple[str, str]]:
     """A private local cluster for a benchmark: redis-server, Ray and Serve with its gRPC proxy on free loopback
     ports -> (redis URL, gRPC address); torn down on exit (only what it started)."""
-    from avatarserve.serve.ops.launcher import _kill_pid, ray_env, start_redis
+    from avatarserve.serve.ops.launcher import _kill_group, _kill_pid, start_ray_head, start_redis
 
-    os.environ.update({k: v for k, v in ray_env().items() if k.startswith("RAY_")})
     import ray
     from ray import serve
 
@@ -83,9 +85,11 @@ def private_cluster(num_cpus: int, namespace: str) -> Iterator[Tuple[str, str]]:
     work = Path(tempfile.mkdtemp(prefix="avatarserve-bench-"))
     rport = free_port()
     redis_pid = start_redis(rport, work)
-    try:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=150 * 1024 * 1024, namespace=namespace)
+    ray_pgid = None
+    try:  # the head is started as `avatarserve up` starts it; this process connects as a driver
+        ray_pgid, ray_address = start_ray_head(
+            {"cluster": {"num_cpus": num_cpus, "object_store_memory": 150 * 1024 * 1024}}, work / "ray", free_port())
+        ray.init(address=ray_address, log_to_driver=False, namespace=namespace)
         try:
             gport = free_port()
             start_serve(grpc_options=grpc_options(gport), http_options={"host": "127.0.0.1", "port": free_port()})
@@ -96,6 +100,8 @@ def private_cluster(num_cpus: int, namespace: str) -> Iterator[Tuple[str, str]]:
             finally:
                 ray.shutdown()
     finally:
+        if ray_pgid is not None:
+            _kill_group(ray_pgid)
         _kill_pid(redis_pid)
         shutil.rmtree(work, ignore_errors=True)
 
