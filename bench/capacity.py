@@ -124,11 +124,11 @@ def _probe(address: str, n: int, args: argparse.Namespace, sc) -> Dict[str, Any]
 
 
 def cluster_capacity(args: argparse.Namespace) -> Dict[str, Any]:
+    sc = _scale()  # sets Ray's environment for the private cluster: before Ray is imported
     from ray import serve
 
     from avatarserve.serve.builder import deploy
 
-    sc = _scale()
     out: Dict[str, Any] = {}
     with sc.private_cluster(args.num_cpus, "avatarserve-capacity-bench") as (redis_url, address):
         for max_batch in args.max_batch:

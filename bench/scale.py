@@ -74,7 +74,7 @@ def _log(msg: str) -> None:
 def private_cluster(num_cpus: int, namespace: str) -> Iterator[Tuple[str, str]]:
     """A private local cluster for a benchmark: redis-server, Ray and Serve with its gRPC proxy on free loopback
     ports -> (redis URL, gRPC address); torn down on exit (only what it started)."""
-    from avatarserve.serve.ops.launcher import _kill_group, _kill_pid, start_ray_head, start_redis
+    from avatarserve.serve.ops.launcher import _kill_group, _kill_pid, connect_driver, start_ray_head, start_redis
 
     import ray
     from ray import serve
@@ -89,7 +89,7 @@ def private_cluster(num_cpus: int, namespace: str) -> Iterator[Tuple[str, str]]:
     try:  # the head is started as `avatarserve up` starts it; this process connects as a driver
         ray_pgid, ray_address = start_ray_head(
             {"cluster": {"num_cpus": num_cpus, "object_store_memory": 150 * 1024 * 1024}}, work / "ray", free_port())
-        ray.init(address=ray_address, log_to_driver=False, namespace=namespace)
+        connect_driver(ray_address, namespace)
         try:
             gport = free_port()
             start_serve(grpc_options=grpc_options(gport), http_options={"host": "127.0.0.1", "port": free_port()})

@@ -124,7 +124,7 @@ def ray_cluster() -> Iterator[RayCluster]:
     """The head is started as `avatarserve up` starts it (`ray start --block` in a process session of its own, started
     again when Ray gives up on its raylet), not by `ray.init()` inside this many-threaded pytest process; the tests
     connect to it as a driver."""
-    from avatarserve.serve.ops.launcher import _kill_group, start_ray_head
+    from avatarserve.serve.ops.launcher import _kill_group, connect_driver, start_ray_head
 
     # Token auth is on by default for local clusters since Ray 2.59; tests run a private,
     # loopback-only cluster, so disable it deliberately (inherited by every Ray process).
@@ -142,7 +142,7 @@ def ray_cluster() -> Iterator[RayCluster]:
     temp_dir = Path(tempfile.mkdtemp(prefix="avs-ray-", dir="/tmp"))
     pgid, address = start_ray_head({"cluster": cluster}, temp_dir, metrics_port)
     try:
-        ray.init(address=address, log_to_driver=False, namespace=f"avatarserve-tests-{uuid.uuid4().hex[:6]}")
+        connect_driver(address, f"avatarserve-tests-{uuid.uuid4().hex[:6]}")
         try:
             yield RayCluster(address=address, num_cpus=num_cpus, metrics_export_port=metrics_port)
         finally:

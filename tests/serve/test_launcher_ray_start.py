@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -104,3 +105,23 @@ def test_any_other_exit_of_ray_start_fails_at_once_without_a_retry(tmp_path) -> 
     assert not isinstance(info.value, RayNodeStartTimedOut)
     assert "exited with code 2" in str(info.value) and "ValueError: something else" in str(info.value)
     assert len(_runs(tmp_path)) == 1
+
+
+def test_a_driver_in_a_process_that_imported_ray_too_early_is_refused_not_left_waiting() -> None:
+    """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, at import; imported before it is 0, a driver of the
+    127.0.0.1 cluster would look for it on the host's routable address and retry there without end."""
+    code = textwrap.dedent("""
+        import os
+        os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        import ray
+        from avatarserve.serve.ops.launcher import LauncherError, connect_driver
+        try:
+            connect_driver("127.0.0.1:6379", "x")
+        except LauncherError as exc:
+            print("refused:", exc)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    # The limit only bounds a regression (a driver that waits without end); importing Ray takes seconds.
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         timeout=900).stdout
+    assert out.startswith("refused:") and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in out

@@ -338,16 +338,28 @@ def _kill_pid(pid: int, timeout: float = 10.0) -> None:
     _terminate(lambda sig: os.kill(pid, sig), timeout, 0.1, pid)
 
 
+def connect_driver(ray_address: str, namespace: str) -> None:
+    """`ray.init` this process as a driver of a local cluster (its head on 127.0.0.1, started by `start_ray_head`)."""
+    os.environ.update({k: v for k, v in ray_env().items() if k.startswith("RAY_")})
+    import ray
+    from ray._private import ray_constants
+
+    if ray_constants.ENABLE_RAY_CLUSTER:  # read once, when Ray was imported
+        raise LauncherError("Ray was imported in this process before RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set: its "
+                            f"driver would look for the cluster at {ray_address} on this host's routable address "
+                            "instead of 127.0.0.1 and wait there; set the variable before importing Ray")
+    ray.init(address=ray_address, log_to_driver=False, namespace=namespace)
+
+
 def deploy_app(cfg: Dict[str, Any], ray_address: str, redis_url: str, grpc_port: int, http_port: int,
                progress: Optional[ProgressDisplay] = None) -> None:
     """Connect to the cluster and deploy the Serve app (driver exits afterwards; Serve keeps running)."""
-    os.environ.update({k: v for k, v in ray_env().items() if k.startswith("RAY_")})
+    connect_driver(ray_address, "avatarserve")
     import ray
 
     from avatarserve.serve.builder import deploy, grpc_options, http_options
     from avatarserve.serve.ray_compat import start_serve
 
-    ray.init(address=ray_address, log_to_driver=False, namespace="avatarserve")
     try:
         start_serve(grpc_options=grpc_options(grpc_port), http_options=http_options(http_port))
         app: AppConfig = cfg["app"].model_copy(update={"redis_url": redis_url})
