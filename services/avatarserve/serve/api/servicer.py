@@ -541,7 +541,12 @@ class Gateway:
         if rec.close_req:
             raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, f"session {sid!r} is closing ({rec.close_req})")
         await self._refuse_while_draining(store)
-        if not await store.acquire_stream_lock(sid, self.replica_id):
+        # Recorded before Redis is asked: a cancel can land after Redis set the lock but before its reply arrives,
+        # and the lease's end must still free it. The name is this stream's own, so that freeing a lock this stream
+        # may not hold never frees another stream's (compare-and-delete).
+        lease.lock = (sid, f"{self.replica_id}/{secrets.token_hex(6)}")
+        if not await store.acquire_stream_lock(*lease.lock):
+            lease.lock = None
             raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, f"a stream is already open for session {sid!r}")
         lease.sid = sid
         rec = await store.get_session(sid)  # closed while we took the lock?
@@ -576,7 +581,7 @@ class Gateway:
         except PipelineError as exc:
             raise ApiError(grpc.StatusCode.UNAVAILABLE, f"could not open the pipeline: {exc.message}") from exc
         # From here on the stream rides out a Redis outage: its session and route are held in memory.
-        await store.track(sid, self.replica_id)
+        await store.track(sid, lease.lock[1])
         registry.track_route(sid, route, ttl_s=self.session_ttl_s)
         return settings
 
@@ -695,10 +700,13 @@ class Gateway:
             except Exception as exc:  # noqa: BLE001 - the keys still expire on their previous TTL
                 self._redis_warning(f"session {lease.sid}: TTL refresh at stream end failed", exc)
             await self.auth.stream_closed(lease.sid)
+        if lease.lock is not None:
+            sid, owner = lease.lock
             try:  # a tracked session's release is written behind (and back) during a Redis outage
-                await store.release_stream_lock(lease.sid, self.replica_id)
+                await store.release_stream_lock(sid, owner)
             except RedisUnavailableError as exc:  # never tracked: the lock expires with its TTL
-                self._redis_warning(f"session {lease.sid}: stream lock release failed", exc)
+                self._redis_warning(f"session {sid}: stream lock release failed", exc)
+        if lease.sid is not None:
             store.untrack(lease.sid)
             self._clients()[0].untrack_route(lease.sid)
 
@@ -729,6 +737,7 @@ class _StreamLease:
     """What one StreamSession holds once it got that far (freed by `Gateway._end_lease`)."""
 
     sid: Optional[str] = None  # set once the stream lock is held
+    lock: Optional[tuple[str, str]] = None  # (session, this stream's lock name) from the moment Redis is asked for it
     keepalive: Optional[asyncio.Task] = None
     pipe: Optional[RecoveringPipe] = None
     route: List[RouteHop] = field(default_factory=list)  # the stream's current route (changes when a hop is re-placed)

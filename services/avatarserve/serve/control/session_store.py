@@ -6,7 +6,7 @@ Keys (under `namespace`, default "avatarserve:"):
                                 session-level index of its next block), error (FAILED), close_req (the reason a
                                 CloseSession / the idle sweep asked its open stream to end with)
     sink:{sid}           string safetensors bytes: reference, motion, text (+ aas once known) latents
-    streamlock:{sid}     string the gateway replica whose stream holds the session
+    streamlock:{sid}     string the stream that holds the session: "<gateway replica id>/<random>"
     closed:{sid}         hash   the tombstone of a closed session: the session hash as it was at close, state
                                 CLOSED (or FAILED), closed_ms; its own TTL (`closed_ttl_s`). Closing deletes every other
                                 key of the session in the same atomic step.
