@@ -32,10 +32,9 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from avatarserve.serve.ops.launcher import free_port, ray_env
+from avatarserve.serve.ops.launcher import free_port, use_ray_env
 
-# Before anything imports Ray (it reads these once): the private cluster's Ray ports stay on 127.0.0.1, auth off.
-os.environ.update({k: v for k, v in ray_env().items() if k.startswith("RAY_")})
+use_ray_env()  # before anything imports Ray (it reads them once): the private cluster stays on 127.0.0.1, auth off
 
 APP = "avatarscale-bench"
 TARGET_REFUSAL_P99_MS = 100.0

@@ -21,6 +21,7 @@ from avatarserve.serve.control.registry import (ReplicaHeartbeat, ReplicaInfo, R
                                                 RouteHop)
 from avatarserve.serve.control.session_store import SessionStore, StoreError, StoreUnavailableError, sink_to_bytes
 from tests.support.redis_proc import OwnRedis
+from tests.support.sessions import tiny_sink
 
 NS = "outage:"
 PROBE_S = 0.05
@@ -45,13 +46,6 @@ async def wait_for(what: str, cond: Callable[[], Awaitable[bool]], timeout_s: fl
     return time.monotonic() - t0
 
 
-def sink(aas: bool = False) -> SinkState:
-    g = torch.Generator().manual_seed(0)
-    return SinkState(reference=torch.randn(1, 4, 1, 2, 2, generator=g), motion=torch.randn(1, 4, 1, 2, 2, generator=g),
-                     text=torch.randn(1, 3, 8, generator=g), seed=7,
-                     aas_latent=torch.randn(1, 4, 1, 2, 2, generator=g) if aas else None)
-
-
 def warnings_of(caplog, text: str) -> list:
     return [r for r in caplog.records if r.levelno >= logging.WARNING and text in r.getMessage()]
 
@@ -60,7 +54,7 @@ async def test_typed_errors_and_prompt_reconnect(own_redis: OwnRedis) -> None:
     store = SessionStore.from_url(own_redis.url, namespace=NS)
     reg = ReplicaRegistry.from_url(own_redis.url, namespace=NS)
     try:
-        token = await store.create_session("s1", sink(), width=64, height=64)
+        token = await store.create_session("s1", tiny_sink(), width=64, height=64)
         await reg.register(ReplicaInfo("AudioEncoder", "a1", "127.0.0.1:1", capacity=4))
         await asyncio.gather(*(store.get_session("s1") for _ in range(6)))  # several pooled connections
         await asyncio.gather(*(reg.replicas("AudioEncoder") for _ in range(6)))
@@ -148,8 +142,8 @@ async def test_tracked_session_is_written_behind_and_back(own_redis: OwnRedis, k
     caplog.set_level(logging.INFO)
     gw = Gateway(own_redis.url)
     try:
-        token = await gw.open("live", sink(aas=True))
-        idle_token = await gw.store.create_session("idle", sink(), width=64, height=64)
+        token = await gw.open("live", tiny_sink(aas=True))
+        idle_token = await gw.store.create_session("idle", tiny_sink(), width=64, height=64)
         await gw.store.incr("live", blocks_generated=3)
         own_redis.kill()
         # Tracked writes never fail while Redis is down; the stream's counters are buffered.
@@ -195,7 +189,7 @@ async def test_tracked_session_is_written_behind_and_back(own_redis: OwnRedis, k
 async def test_stream_that_ends_during_the_outage_releases_its_lock_afterwards(own_redis: OwnRedis) -> None:
     gw = Gateway(own_redis.url)
     try:
-        await gw.open("s", sink())
+        await gw.open("s", tiny_sink())
         own_redis.kill()
         await gw.store.incr("s", blocks_generated=2)
         await gw.store.set_state("s", "IDLE")
@@ -215,7 +209,7 @@ async def test_stream_that_ends_during_the_outage_releases_its_lock_afterwards(o
 async def test_restart_that_no_call_noticed_is_written_back_on_the_next_write(own_redis: OwnRedis) -> None:
     gw = Gateway(own_redis.url, probe_s=3600.0)  # the watcher never looks: only the write finds out
     try:
-        await gw.open("s", sink())
+        await gw.open("s", tiny_sink())
         await gw.store.incr("s", blocks_generated=4)
         own_redis.kill()
         own_redis.start(keep_data=False)
@@ -230,11 +224,11 @@ async def test_restart_that_no_call_noticed_is_written_back_on_the_next_write(ow
 async def test_deleted_or_closed_sessions_are_not_written_back(own_redis: OwnRedis) -> None:
     gw = Gateway(own_redis.url)
     try:
-        await gw.open("gone", sink())
+        await gw.open("gone", tiny_sink())
         await gw.store.delete_session("gone")  # closed on purpose while streaming
         assert gw.store.tracked == []
         assert await gw.store.incr("gone", blocks_generated=1) is False  # not recreated
-        await gw.open("s", sink())
+        await gw.open("s", tiny_sink())
         raw = await raw_client(own_redis.url)
         try:  # a tombstone written by another gateway's CloseSession (session:{sid} gone, closed:{sid} there)
             await raw.delete(f"{NS}session:s")
@@ -254,7 +248,7 @@ async def test_deleted_or_closed_sessions_are_not_written_back(own_redis: OwnRed
 async def test_sink_copy_follows_the_adaptive_sink_latent(own_redis: OwnRedis) -> None:
     gw = Gateway(own_redis.url)
     try:
-        await gw.open("s", sink(aas=False))
+        await gw.open("s", tiny_sink(aas=False))
         assert not gw.store.live_session("s").sink_has_aas
         await gw.store.set_aas_latent("s", torch.ones(1, 4, 1, 2, 2))  # the last stage stores it
         await wait_for("the gateway's sink copy has the latent", lambda: _true(gw.store.live_session("s").sink_has_aas))
@@ -269,7 +263,7 @@ async def test_sink_copy_follows_the_adaptive_sink_latent(own_redis: OwnRedis) -
 async def test_a_read_of_a_tracked_session_right_after_the_restart_writes_it_back(own_redis: OwnRedis) -> None:
     gw = Gateway(own_redis.url, probe_s=3600.0)  # before the watcher's next look
     try:
-        token = await gw.open("s", sink())
+        token = await gw.open("s", tiny_sink())
         own_redis.kill()
         with pytest.raises(StoreUnavailableError):
             await gw.store.check_token("s", token)
@@ -284,7 +278,7 @@ async def test_a_read_of_a_tracked_session_right_after_the_restart_writes_it_bac
 async def test_a_read_right_after_the_outage_sees_the_buffered_counters(own_redis: OwnRedis) -> None:
     gw = Gateway(own_redis.url, probe_s=3600.0)
     try:
-        token = await gw.open("s", sink())
+        token = await gw.open("s", tiny_sink())
         own_redis.kill()
         await gw.store.incr("s", blocks_delivered=7)
         own_redis.start(keep_data=True)

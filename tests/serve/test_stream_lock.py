@@ -13,18 +13,11 @@ import uuid
 
 import pytest
 import redis.asyncio as aioredis
-import torch
 
 from avatarserve.serve.api.errors import ApiError
 from avatarserve.serve.api.servicer import Gateway
-from avatarserve.serve.control.session_store import SinkState
 from avatarserve_client.v1 import avatar_service_pb2 as pb
-
-
-def _sink() -> SinkState:
-    g = torch.Generator().manual_seed(0)
-    return SinkState(reference=torch.randn(1, 4, 1, 2, 2, generator=g), motion=torch.randn(1, 4, 1, 2, 2, generator=g),
-                     text=torch.randn(1, 3, 8, generator=g), seed=7)
+from tests.support.sessions import tiny_sink
 
 
 class _Requests:
@@ -48,7 +41,7 @@ async def _gateway_with_session(redis_server, ns: str) -> tuple[Gateway, str, st
     gw = Gateway({"redis_url": redis_server.url, "namespace": ns, "auth": {"mode": "disabled"}})
     _, store, _ = gw._clients()
     sid = uuid.uuid4().hex
-    token = await store.create_session(sid, _sink(), width=64, height=64, options={"idle_timeout_s": 3600})
+    token = await store.create_session(sid, tiny_sink(), width=64, height=64, options={"idle_timeout_s": 3600})
     return gw, sid, token
 
 

@@ -41,7 +41,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from avatarserve.serve.config import AppConfig, ConfigError
+from avatarserve.serve.config import AppConfig, ConfigError, TimeoutsConfig
 from avatarserve.serve.ops.progress import ProgressDisplay
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "deploy" / "local.yaml"
@@ -157,11 +157,8 @@ def _wait_port(host: str, port: int, timeout: float, what: str, proc: Optional[s
     """Wait until `host:port` accepts connections; fail at once if `proc` exits, else after `timeout`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            pass
+        if _accepts(host, port):
+            return
         if proc is not None and proc.poll() is not None:
             raise LauncherError(f"{what} exited with code {proc.returncode} before opening {host}:{port}"
                                 + (f"; log: {log}\n{_tail(log)}" if log else ""))
@@ -212,17 +209,22 @@ RAY_NODE_STARTUP_TIMED_OUT = "The current node timed out during startup"
 RAY_RUNTIME_STARTED = "Ray runtime started."  # what `ray start` prints once its node has registered
 
 
+_TIMEOUTS = TimeoutsConfig()  # the defaults of `app.timeouts`, for callers without a deployment config
+
+
 class RayNodeStartTimedOut(LauncherError):
     """`ray start` gave up on its raylet after Ray's fixed wait (transient: the node is started again)."""
 
 
-def start_ray_node(cmd: List[str], log: Path, env: Dict[str, str], timeout_s: float, attempts: int = 3,
-                   what: str = "the Ray head", listen: Optional[tuple[str, int]] = None) -> int:
+def start_ray_node(cmd: List[str], log: Path, env: Dict[str, str], timeout_s: float = _TIMEOUTS.ray_start_s,
+                   attempts: int = _TIMEOUTS.ray_start_attempts, what: str = "the Ray head",
+                   listen: Optional[tuple[str, int]] = None) -> int:
     """Run `ray start --block ...` (`cmd`) in its own process session and return its pid (= process group) once it
     reports the runtime started and, for a head, `listen` (the GCS) accepts connections. Fails at once when `ray
     start` exits, after `timeout_s` otherwise; when Ray gives up on its raylet, the group is stopped and the node
     started again, `attempts` times in all."""
-    for attempt in range(1, attempts + 1):
+    attempt = 1
+    while True:
         offset = log.stat().st_size if log.exists() else 0  # the log is appended to: read this attempt's part
         proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
@@ -230,42 +232,37 @@ def start_ray_node(cmd: List[str], log: Path, env: Dict[str, str], timeout_s: fl
             return proc.pid
         except RayNodeStartTimedOut as exc:
             _kill_group(proc.pid)
-            if attempt == attempts:
+            if attempt >= attempts:
                 raise RayNodeStartTimedOut(f"{exc} ({attempts} attempts, timeouts.ray_start_attempts)") from None
             print(f"[up] {what}: Ray gave up on its raylet after its fixed 30 s wait (attempt {attempt} of "
                   f"{attempts}); starting it again. Log: {log}", file=sys.stderr)
+            attempt += 1
         except BaseException:
             _kill_group(proc.pid)
             raise
-    raise AssertionError("unreachable")
 
 
 def _wait_ray_started(proc: subprocess.Popen, log: Path, offset: int, timeout_s: float, what: str,
                       listen: Optional[tuple[str, int]]) -> None:
     deadline = time.monotonic() + timeout_s
-    while True:
-        text = _read_from(log, offset)
-        if RAY_RUNTIME_STARTED in text and (listen is None or _accepts(*listen)):
-            return
-        code = proc.poll()
-        if code is not None:
-            tail = "\n".join(text.splitlines()[-15:])
-            if RAY_NODE_STARTUP_TIMED_OUT in text:
-                raise RayNodeStartTimedOut(f"{what}: `ray start` exited with code {code}: its raylet did not "
-                                           f"register within Ray's fixed wait; log: {log}\n{tail}")
-            raise LauncherError(f"{what}: `ray start` exited with code {code}; log: {log}\n{tail}")
-        if time.monotonic() > deadline:
-            raise LauncherError(f"{what} did not start within {timeout_s:.0f} s (timeouts.ray_start_s); log: {log}")
-        time.sleep(0.2)
-
-
-def _read_from(path: Path, offset: int) -> str:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            return fh.read().decode(errors="replace")
-    except OSError:
-        return ""
+    text = ""
+    with open(log, "rb") as fh:  # this attempt's output, read as it grows
+        fh.seek(offset)
+        while True:
+            text += fh.read().decode(errors="replace")
+            if RAY_RUNTIME_STARTED in text and (listen is None or _accepts(*listen)):
+                return
+            code = proc.poll()
+            if code is not None:
+                text += fh.read().decode(errors="replace")
+                tail = "\n".join(text.splitlines()[-15:])
+                if RAY_NODE_STARTUP_TIMED_OUT in text:
+                    raise RayNodeStartTimedOut(f"{what}: `ray start` exited with code {code}: its raylet did not "
+                                               f"register within Ray's fixed wait; log: {log}\n{tail}")
+                raise LauncherError(f"{what}: `ray start` exited with code {code}; log: {log}\n{tail}")
+            if time.monotonic() > deadline:
+                raise LauncherError(f"{what} did not start within {timeout_s:.0f} s (timeouts.ray_start_s); log: {log}")
+            time.sleep(0.2)
 
 
 def _accepts(host: str, port: int) -> bool:
@@ -276,8 +273,8 @@ def _accepts(host: str, port: int) -> bool:
         return False
 
 
-def start_ray_head(cfg: Dict[str, Any], temp_dir: Path, metrics_port: int, timeout_s: float = 600.0,
-                   attempts: int = 3) -> tuple[int, str]:
+def start_ray_head(cfg: Dict[str, Any], temp_dir: Path, metrics_port: int, timeout_s: float = _TIMEOUTS.ray_start_s,
+                   attempts: int = _TIMEOUTS.ray_start_attempts) -> tuple[int, str]:
     """The local cluster's Ray head on 127.0.0.1, as the `cluster` section of the deployment config says; returns
     the pid of its `ray start` (its process group) and the GCS address."""
     cl = cfg.get("cluster", {})
@@ -338,9 +335,14 @@ def _kill_pid(pid: int, timeout: float = 10.0) -> None:
     _terminate(lambda sig: os.kill(pid, sig), timeout, 0.1, pid)
 
 
+def use_ray_env() -> None:
+    """Put `ray_env()`'s Ray variables into this process's environment (Ray reads some only when it is imported)."""
+    os.environ.update({k: v for k, v in ray_env().items() if k.startswith("RAY_")})
+
+
 def connect_driver(ray_address: str, namespace: str) -> None:
     """`ray.init` this process as a driver of a local cluster (its head on 127.0.0.1, started by `start_ray_head`)."""
-    os.environ.update({k: v for k, v in ray_env().items() if k.startswith("RAY_")})
+    use_ray_env()
     import ray
     from ray._private import ray_constants
 
