@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import inspect
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -19,9 +21,12 @@ import pytest
 from avatarserve.serve.ops.launcher import (
     RAY_NODE_STARTUP_TIMED_OUT,
     RAY_RUNTIME_STARTED,
+    RAY_SIGTERM_DRAIN_ENV,
     LauncherError,
     RayNodeStartTimedOut,
+    free_port,
     ray_env,
+    start_ray_head,
     start_ray_node,
     _kill_group,
 )
@@ -125,3 +130,25 @@ def test_a_driver_in_a_process_that_imported_ray_too_early_is_refused_not_left_w
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                          timeout=900).stdout
     assert out.startswith("refused:") and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in out
+
+
+def test_a_head_stops_on_sigterm_without_rays_drain_wait(tmp_path) -> None:
+    """`down` and the tests stop a node by signalling its process group. Ray's SIGTERM handler would first ask the GCS
+    (signalled too, already gone) to drain the node and wait 30 s for it; the launcher's nodes skip that wait, so
+    SIGTERM stops them (exit 1 from Ray's handler) before `_kill_group` would resort to SIGKILL."""
+    import ray._private.ray_constants
+
+    assert RAY_SIGTERM_DRAIN_ENV in inspect.getsource(ray._private.ray_constants)
+    assert ray_env()[RAY_SIGTERM_DRAIN_ENV] == "0"
+    temp_dir = Path(f"/tmp/avs-sigterm-{os.getpid()}")  # AF_UNIX paths: not under pytest's long tmp_path
+    pgid, _ = start_ray_head({"cluster": {"num_cpus": 1, "object_store_memory": 80 * 1024 * 1024}}, temp_dir,
+                             free_port())
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+        _, status = os.waitpid(pgid, 0)
+        log = (temp_dir / "ray-head.log").read_text()
+        assert os.waitstatus_to_exitcode(status) == 1, log[-3000:]  # Ray's handler ran, nobody needed SIGKILL
+        assert "received SIGTERM" not in log and "Draining for up to" not in log, log[-3000:]
+    finally:
+        _kill_group(pgid)
+        shutil.rmtree(temp_dir, ignore_errors=True)

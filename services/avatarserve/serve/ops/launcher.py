@@ -192,6 +192,9 @@ def start_redis(port: int, workdir: Path, timeout_s: float = 60.0) -> int:
     return proc.pid
 
 
+RAY_SIGTERM_DRAIN_ENV = "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"  # read by ray/_private/ray_constants.py
+
+
 def ray_env() -> Dict[str, str]:
     env = dict(os.environ)
     env.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only local cluster, see module docstring
@@ -199,6 +202,11 @@ def ray_env() -> Dict[str, str]:
     # Ray replaces 127.0.0.1 by the host's routable address unless it believes it runs a single-machine
     # cluster (its Windows/macOS mode); that switch keeps every Ray port on the loopback interface.
     env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # On SIGTERM, `ray start --block` first asks the GCS to drain its node and waits up to this long (Ray's default:
+    # 30 s). Our nodes are stopped by signalling their whole process group, GCS included, so that request waits out
+    # the full time for a GCS that is already gone, and `_kill_group` ends it with SIGKILL. `down` drains the streams
+    # and shuts Serve down itself before it signals the node.
+    env.setdefault(RAY_SIGTERM_DRAIN_ENV, "0")
     return env
 
 
