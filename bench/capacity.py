@@ -16,6 +16,7 @@ run, before (one block per forward) and after (cross-session batching) in the sa
 Prints ONE JSON object with `--json` (a readable summary otherwise).
 
     python bench/capacity.py --json [--seconds 20] [--max-sessions 4] [--max-batch 1,4] [--batches 1,2,4]
+    python bench/capacity.py --json --max-batch 1 --direct-ingress   # the gateway without Serve's gRPC proxy
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def cluster_capacity(args: argparse.Namespace) -> Dict[str, Any]:
             at_start = _measured_capacities(_stage_statuses())
             probes = []
             for n in range(1, args.max_sessions + 1):
-                probe = _probe(address, n, args, sc)
+                probe = _probe(args.direct_grpc_address or address, n, args, sc)
                 sc._log(f"max_batch {max_batch}: {n} session(s): sustained={probe['sustained']} "
                         f"rtf={[r['rtf'] for r in probe['per_session']]} errors={probe['errors']}")
                 probes.append(probe)
@@ -189,6 +190,21 @@ def _batch_limits(statuses: Dict[str, Dict[str, Any]]) -> Dict[str, Optional[int
     return {name: (status.get("scheduler") or {}).get("batch_limit") for name, status in statuses.items()}
 
 
+def _direct_ingress_env() -> str:
+    """Environment for Serve's direct ingress, set before the private cluster starts (its processes inherit it):
+    each ingress replica takes a port from a range (Serve's maximum is exclusive); a range of one free port puts the
+    one gateway replica on it."""
+    from avatarserve.serve.ops.launcher import free_port
+
+    grpc_port, http_port = free_port(), free_port()
+    os.environ.update({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+                       "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc_port),
+                       "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc_port + 1),
+                       "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http_port),
+                       "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http_port + 1)})
+    return f"127.0.0.1:{grpc_port}"
+
+
 def _ints(text: str) -> List[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
@@ -216,10 +232,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads per stage replica (app.torch_threads)")
     p.add_argument("--vae-replicas", type=int, default=1, help="VaeDecoder replicas (the autoscaler of "
                                                                "deploy/local.yaml runs up to 2)")
+    p.add_argument("--direct-ingress", action="store_true",
+                   help="Serve's experimental direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1): the gateway replica "
+                        "serves the gRPC API itself and no proxy runs, so audio chunks skip the proxy's Ray call")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     if args.seconds <= 0 or args.max_sessions < 1 or args.torch_threads < 1:
         p.error("--seconds must be > 0, --max-sessions >= 1 and --torch-threads >= 1")
+    args.direct_grpc_address = _direct_ingress_env() if args.direct_ingress else None
     t0 = time.monotonic()
     limit = machine_limit(args.model, args.batches, args.limit_blocks, 2, os.cpu_count() or 1)
     _scale()._log(f"machine limit: {limit['best_fps']} fps at {limit['best_batch']} in lockstep = "
@@ -236,7 +256,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.close(saved)
     result = {"bench": "capacity", "model": args.model, "cpus": os.cpu_count(), "seconds_per_probe": args.seconds,
               "replica_torch_threads": args.torch_threads, "vae_replicas": args.vae_replicas,
-              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "direct_ingress": args.direct_ingress,
               "criteria": {"min_rtf": args.min_rtf, "max_lag_p99_s": args.max_lag_s}, "limit": limit,
               "cluster": cluster,
               "serving_efficiency": {mb: round(c["sustained_sessions"] / limit["limit_sessions"], 3)
