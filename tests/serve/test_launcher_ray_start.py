@@ -132,7 +132,7 @@ def test_a_driver_in_a_process_that_imported_ray_too_early_is_refused_not_left_w
     assert out.startswith("refused:") and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in out
 
 
-def test_a_head_stops_on_sigterm_without_rays_drain_wait(tmp_path) -> None:
+def test_a_head_stops_on_sigterm_without_rays_drain_wait() -> None:
     """`down` and the tests stop a node by signalling its process group. Ray's SIGTERM handler would first ask the GCS
     (signalled too, already gone) to drain the node and wait 30 s for it; the launcher's nodes skip that wait, so
     SIGTERM stops them (exit 1 from Ray's handler) before `_kill_group` would resort to SIGKILL."""
@@ -147,7 +147,7 @@ def test_a_head_stops_on_sigterm_without_rays_drain_wait(tmp_path) -> None:
         os.killpg(pgid, signal.SIGTERM)
         _, status = os.waitpid(pgid, 0)
         log = (temp_dir / "ray-head.log").read_text()
-        assert os.waitstatus_to_exitcode(status) == 1, log[-3000:]  # Ray's handler ran, nobody needed SIGKILL
+        assert os.waitstatus_to_exitcode(status) == 1, log[-3000:]  # Ray's handler ended it (with or without a drain)
         assert "received SIGTERM" not in log and "Draining for up to" not in log, log[-3000:]
     finally:
         _kill_group(pgid)
